@@ -1,0 +1,43 @@
+// The one place where specops' op schemas are written (contract: ../specops-contract.md).
+// Each backend only adds kernels: csrc/*_cpu.cpp for the CPU (TORCH_LIBRARY_IMPL),
+// specops/triton_kernels/ for CUDA, specops/_fake.py for meta tensors.
+#include <atomic>
+
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "philox.h"
+
+namespace specops {
+
+namespace {
+std::atomic<int> g_check_level{static_cast<int>(CheckLevel::kCheap)};
+}
+
+CheckLevel check_level() { return static_cast<CheckLevel>(g_check_level.load()); }
+void set_check_level(CheckLevel level) { g_check_level.store(static_cast<int>(level)); }
+
+}  // namespace specops
+
+TORCH_LIBRARY(specops, m) {
+  m.def("sampling_probs(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p) -> Tensor");
+  m.def(
+      "chain_verify(Tensor target_probs, Tensor draft_tokens, Tensor? draft_probs, "
+      "Tensor draft_lens, Tensor seeds, Tensor positions) -> (Tensor, Tensor)");
+  m.def(
+      "chain_verify_greedy(Tensor target_logits, Tensor draft_tokens, Tensor draft_lens) "
+      "-> (Tensor, Tensor)");
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "specops C++ extension: op schemas and CPU kernels";
+  m.attr("torch_version") = SPECOPS_TORCH_VERSION;
+  m.def("set_check_level", [](int level) {
+    if (level < 0 || level > 2) throw pybind11::value_error("check level must be 0, 1 or 2");
+    specops::set_check_level(static_cast<specops::CheckLevel>(level));
+  });
+  m.def("check_level", [] { return static_cast<int>(specops::check_level()); });
+  m.def("philox_uniform", &specops::philox_uniform,
+        "u in [0, 1) for (seed, position, sibling_rank, purpose); exposed for tests");
+}

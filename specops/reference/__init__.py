@@ -1,0 +1,10 @@
+"""Pure-PyTorch reference implementations: the executable specification of every op.
+
+Vectorised and sync-free, but written for clarity, not speed. Select them for debugging with
+``specops.set_backend("reference")``; they are never used as a silent fallback.
+"""
+
+from .chain import chain_verify_greedy_ref, chain_verify_ref
+from .sampling import sampling_probs_ref
+
+__all__ = ["chain_verify_ref", "chain_verify_greedy_ref", "sampling_probs_ref"]
