@@ -5,6 +5,7 @@ Install against the torch you already have (so pip does not fetch another one):
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,8 +31,10 @@ class CMakeBuild(build_ext):
         output.parent.mkdir(parents=True, exist_ok=True)
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
+        # Prefer the cmake installed beside this Python (pip's cmake) over the system one.
+        cmake = shutil.which("cmake", path=os.path.dirname(sys.executable)) or "cmake"
         configure = [
-            "cmake", "-S", str(ROOT), "-B", str(build_dir),
+            cmake, "-S", str(ROOT), "-B", str(build_dir),
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
@@ -44,7 +47,7 @@ class CMakeBuild(build_ext):
         ]
         subprocess.run(configure, check=True)
         jobs = str(os.cpu_count() or 1)
-        subprocess.run(["cmake", "--build", str(build_dir), "--parallel", jobs], check=True)
+        subprocess.run([cmake, "--build", str(build_dir), "--parallel", jobs], check=True)
 
 
 setup(

@@ -28,7 +28,7 @@ def sampling_probs_ref(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p
     x = torch.where((k[:, None] > 0) & (x < kth_largest), float("-inf"), x)
 
     probs = x.softmax(-1)
-    sorted_probs, order = probs.sort(-1, descending=True, stable=True)
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
     sorted64 = sorted_probs.double()
     mass_before = sorted64.cumsum(-1) - sorted64
     drop_sorted = mass_before >= top_p.double()[:, None]

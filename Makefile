@@ -1,0 +1,33 @@
+# Two entry points for a newcomer on a fresh machine; each installs what it needs into .venv.
+#   make demo   - build specops and run the demonstration
+#   make test   - build specops and run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.specops-deps
+
+.PHONY: demo test build bench clean
+
+$(STAMP): requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned: a bare `torch` would pull a multi-GB CUDA build here
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+# Incremental rebuild of the C++ extension after the first install.
+build: $(STAMP)
+	$(PY) setup.py --quiet build_ext --inplace
+
+demo: build
+	$(PY) -m specops.demo
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) bench/bench_ops.py --quick
+
+clean:
+	rm -rf build $(VENV) specops/_C*.so *.egg-info

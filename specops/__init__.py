@@ -1,0 +1,39 @@
+"""specops: speculative-decoding ops for PyTorch.
+
+Lossless verification of draft tokens (chains), sampling distributions, with a pure-PyTorch
+reference, C++ CPU kernels and Triton GPU kernels behind one set of ``torch.ops.specops``
+schemas. Contract: specops-contract.md; see README.md.
+"""
+
+import os
+
+import torch
+
+from . import _checks
+from ._extension import load_extension
+
+_C = load_extension()
+if _C is not None:
+    from . import _fake, _gpu  # noqa: F401  (registrations)
+
+from . import reference  # noqa: E402
+from .ops import (  # noqa: E402
+    chain_verify,
+    chain_verify_greedy,
+    get_backend,
+    get_checks,
+    sampling_probs,
+    set_backend,
+    set_checks,
+    use_backend,
+)
+
+__version__ = "0.1.0"
+__all__ = ["chain_verify", "chain_verify_greedy", "sampling_probs", "set_backend", "get_backend",
+           "use_backend", "set_checks", "get_checks", "reference"]
+
+if _C is None:
+    set_backend("reference")
+else:
+    set_backend(os.environ.get("SPECOPS_BACKEND", "kernels") or "kernels")
+    set_checks(_checks.level_from_env())

@@ -1,0 +1,187 @@
+"""Argument checks shared by the public functions, the fake kernels and the GPU launchers.
+
+Levels (contract, "Bad input"): dtype/shape/device are checked at every level (they cost no
+sync); ``"cheap"`` (default) adds token ids, lengths and positions on the CPU; ``"full"`` adds
+probability rows (NaN, inf, negative, zero sum) and, on GPUs, is the only level that checks
+values at all, since reading values there needs a host sync. The C++ CPU kernels check the
+same things with the same messages (csrc/checks.h).
+"""
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+LEVELS = ("off", "cheap", "full")
+_level = "cheap"
+
+FLOAT_LOGITS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_level() -> str:
+    return _level
+
+
+def set_level(level: str) -> None:
+    global _level
+    if level not in LEVELS:
+        raise ValueError(f"check level must be one of {LEVELS}, got {level!r}")
+    _level = level
+
+
+def level_from_env() -> str:
+    return os.environ.get("SPECOPS_CHECKS", "cheap")
+
+
+def values_checked(device: torch.device) -> bool:
+    """Whether values are checked on ``device`` at the current level."""
+    return _level == "full" or (_level == "cheap" and device.type == "cpu")
+
+
+# ---- dtype, shape, device: every level, no sync ----
+
+def check_tensor(op: str, name: str, t, dtypes: Sequence[torch.dtype], dim: int) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        wanted = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{op}: {name} must be {wanted}, got {str(t.dtype).removeprefix('torch.')}")
+    if t.dim() != dim:
+        raise ValueError(f"{op}: {name} must have {dim} dims, got shape {tuple(t.shape)}")
+
+
+def check_size(op: str, name: str, t: Tensor, dim: int, expected: int, what: str) -> None:
+    if t.shape[dim] != expected:
+        raise ValueError(f"{op}: {name}.shape[{dim}] must be {expected} ({what}), "
+                         f"got shape {tuple(t.shape)}")
+
+
+def check_same_device(op: str, reference: Tensor, **tensors: Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != reference.device:
+            raise ValueError(f"{op}: {name} is on {t.device}, expected {reference.device} "
+                             f"like the other arguments")
+
+
+def chain_verify_meta(target_probs, draft_tokens, draft_probs, draft_lens, seeds, positions):
+    op = "chain_verify"
+    check_tensor(op, "target_probs", target_probs, (torch.float32,), 3)
+    batch, num_rows, vocab = target_probs.shape
+    if num_rows < 1 or vocab < 1:
+        raise ValueError(f"{op}: target_probs must be [B, K+1, V] with K+1 >= 1 and V >= 1, "
+                         f"got shape {tuple(target_probs.shape)}")
+    check_tensor(op, "draft_tokens", draft_tokens, (torch.int64,), 2)
+    check_size(op, "draft_tokens", draft_tokens, 0, batch, "B")
+    check_size(op, "draft_tokens", draft_tokens, 1, num_rows - 1, "K")
+    if draft_probs is not None:
+        check_tensor(op, "draft_probs", draft_probs, (torch.float32,), 3)
+        check_size(op, "draft_probs", draft_probs, 0, batch, "B")
+        check_size(op, "draft_probs", draft_probs, 1, num_rows - 1, "K")
+        check_size(op, "draft_probs", draft_probs, 2, vocab, "V")
+    _check_row_vectors(op, batch, draft_lens=(draft_lens, torch.int32),
+                       seeds=(seeds, torch.int64), positions=(positions, torch.int64))
+    check_same_device(op, target_probs, draft_tokens=draft_tokens, draft_probs=draft_probs,
+                      draft_lens=draft_lens, seeds=seeds, positions=positions)
+
+
+def chain_verify_greedy_meta(target_logits, draft_tokens, draft_lens):
+    op = "chain_verify_greedy"
+    check_tensor(op, "target_logits", target_logits, FLOAT_LOGITS, 3)
+    batch, num_rows, vocab = target_logits.shape
+    if num_rows < 1 or vocab < 1:
+        raise ValueError(f"{op}: target_logits must be [B, K+1, V] with K+1 >= 1 and V >= 1, "
+                         f"got shape {tuple(target_logits.shape)}")
+    check_tensor(op, "draft_tokens", draft_tokens, (torch.int64,), 2)
+    check_size(op, "draft_tokens", draft_tokens, 0, batch, "B")
+    check_size(op, "draft_tokens", draft_tokens, 1, num_rows - 1, "K")
+    _check_row_vectors(op, batch, draft_lens=(draft_lens, torch.int32))
+    check_same_device(op, target_logits, draft_tokens=draft_tokens, draft_lens=draft_lens)
+
+
+def sampling_probs_meta(logits, temperature, top_k, top_p):
+    op = "sampling_probs"
+    check_tensor(op, "logits", logits, FLOAT_LOGITS, 2)
+    if logits.shape[1] < 1:
+        raise ValueError(f"{op}: logits must have V >= 1, got shape {tuple(logits.shape)}")
+    _check_row_vectors(op, logits.shape[0], temperature=(temperature, torch.float32),
+                       top_k=(top_k, torch.int32), top_p=(top_p, torch.float32))
+    check_same_device(op, logits, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+def _check_row_vectors(op: str, batch: int, **vectors: tuple[Tensor, torch.dtype]) -> None:
+    for name, (t, dtype) in vectors.items():
+        check_tensor(op, name, t, (dtype,), 1)
+        check_size(op, name, t, 0, batch, "B")
+
+
+# ---- values: read tensors, so they run only where values_checked() says ----
+
+def _first_bad_row(bad: Tensor) -> str:
+    index = bad.nonzero()[0].tolist()
+    return "row " + ", ".join(str(i) for i in index)
+
+
+def _check_lens(op: str, draft_lens: Tensor, num_slots: int) -> None:
+    bad = (draft_lens < 0) | (draft_lens > num_slots)
+    if bool(bad.any()):
+        raise ValueError(f"{op}: draft_lens must be in 0..K={num_slots}, got "
+                         f"{int(draft_lens[bad][0])} at {_first_bad_row(bad)}")
+
+
+def _check_tokens(op: str, draft_tokens: Tensor, draft_lens: Tensor, vocab: int) -> None:
+    active = torch.arange(draft_tokens.shape[1], device=draft_tokens.device) < draft_lens[:, None]
+    bad = active & ((draft_tokens < 0) | (draft_tokens >= vocab))
+    if bool(bad.any()):
+        raise ValueError(f"{op}: draft_tokens must be in 0..V-1={vocab - 1} within draft_lens, "
+                         f"got {int(draft_tokens[bad][0])} at {_first_bad_row(bad)}")
+
+
+def _check_prob_rows(op: str, name: str, probs: Tensor, num_rows_used: Tensor) -> None:
+    used = torch.arange(probs.shape[1], device=probs.device) < num_rows_used[:, None]
+    finite = torch.isfinite(probs)
+    bad_values = (~finite | (probs < 0)).any(-1)
+    zero_sum = torch.where(finite, probs, 0).double().sum(-1) <= 0
+    bad = used & (bad_values | zero_sum)
+    if bool(bad.any()):
+        raise ValueError(f"{op}: {name} has a row with NaN, inf, a negative entry or zero sum "
+                         f"at {_first_bad_row(bad)}")
+
+
+def chain_verify_values(target_probs, draft_tokens, draft_probs, draft_lens, positions):
+    op = "chain_verify"
+    num_slots = draft_tokens.shape[1]
+    _check_lens(op, draft_lens, num_slots)
+    _check_tokens(op, draft_tokens, draft_lens, target_probs.shape[-1])
+    if bool((positions < 0).any()):
+        raise ValueError(f"{op}: positions must be >= 0, got {int(positions.min())}")
+    if _level == "full":
+        _check_prob_rows(op, "target_probs", target_probs, draft_lens + 1)
+        if draft_probs is not None:
+            _check_prob_rows(op, "draft_probs", draft_probs, draft_lens)
+
+
+def chain_verify_greedy_values(target_logits, draft_tokens, draft_lens):
+    op = "chain_verify_greedy"
+    _check_lens(op, draft_lens, draft_tokens.shape[1])
+    _check_tokens(op, draft_tokens, draft_lens, target_logits.shape[-1])
+    if _level == "full":
+        used = torch.arange(target_logits.shape[1], device=target_logits.device) <= draft_lens[:, None]
+        bad = used & target_logits.isnan().any(-1)
+        if bool(bad.any()):
+            raise ValueError(f"{op}: target_logits has NaN at {_first_bad_row(bad)}")
+
+
+def sampling_probs_values(logits, temperature, top_k, top_p):
+    op = "sampling_probs"
+    if bool((~torch.isfinite(temperature) | (temperature < 0)).any()):
+        raise ValueError(f"{op}: temperature must be finite and >= 0")
+    if bool((top_k < 0).any()):
+        raise ValueError(f"{op}: top_k must be >= 0 (0 = off)")
+    if bool(((top_p < 0) | (top_p > 1) | top_p.isnan()).any()):
+        raise ValueError(f"{op}: top_p must be in [0, 1] (1 = off)")
+    if _level == "full":
+        bad = (logits.isnan() | (logits == float("inf"))).any(-1) | (logits == float("-inf")).all(-1)
+        if bool(bad.any()):
+            raise ValueError(f"{op}: logits has a row with NaN, +inf or only -inf at "
+                             f"{_first_bad_row(bad)}")

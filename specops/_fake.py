@@ -1,0 +1,29 @@
+"""Fake (meta) kernels: output shapes for torch.compile and for tracing, no data read."""
+
+import torch
+
+from . import _checks
+
+
+@torch.library.register_fake("specops::sampling_probs")
+def _sampling_probs_fake(logits, temperature, top_k, top_p):
+    _checks.sampling_probs_meta(logits, temperature, top_k, top_p)
+    return logits.new_empty(logits.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("specops::chain_verify")
+def _chain_verify_fake(target_probs, draft_tokens, draft_probs, draft_lens, seeds, positions):
+    _checks.chain_verify_meta(target_probs, draft_tokens, draft_probs, draft_lens, seeds, positions)
+    return _chain_outputs(target_probs)
+
+
+@torch.library.register_fake("specops::chain_verify_greedy")
+def _chain_verify_greedy_fake(target_logits, draft_tokens, draft_lens):
+    _checks.chain_verify_greedy_meta(target_logits, draft_tokens, draft_lens)
+    return _chain_outputs(target_logits)
+
+
+def _chain_outputs(target):
+    batch, num_rows, _ = target.shape
+    return (target.new_empty((batch, num_rows), dtype=torch.int64),
+            target.new_empty((batch,), dtype=torch.int32))

@@ -1,0 +1,43 @@
+"""Registers the Triton kernels (specops/triton_kernels/) as the CUDA kernels of the ops.
+
+Triton is imported on the first CUDA call, so specops imports without it; a CUDA call without
+Triton installed raises an ImportError saying so. Values are checked on the GPU only at the
+"full" level, because reading them needs a host sync (contract, "Bad input").
+"""
+
+import torch
+
+from . import _checks
+
+
+def _triton_kernels():
+    try:
+        from . import triton_kernels
+    except ImportError as error:
+        raise ImportError("specops: the GPU kernels need Triton (`pip install triton`)") from error
+    return triton_kernels
+
+
+@torch.library.register_kernel("specops::sampling_probs", "cuda")
+def _sampling_probs_cuda(logits, temperature, top_k, top_p):
+    _checks.sampling_probs_meta(logits, temperature, top_k, top_p)
+    if _checks.values_checked(logits.device):
+        _checks.sampling_probs_values(logits, temperature, top_k, top_p)
+    return _triton_kernels().sampling_probs_triton(logits, temperature, top_k, top_p)
+
+
+@torch.library.register_kernel("specops::chain_verify", "cuda")
+def _chain_verify_cuda(target_probs, draft_tokens, draft_probs, draft_lens, seeds, positions):
+    _checks.chain_verify_meta(target_probs, draft_tokens, draft_probs, draft_lens, seeds, positions)
+    if _checks.values_checked(target_probs.device):
+        _checks.chain_verify_values(target_probs, draft_tokens, draft_probs, draft_lens, positions)
+    return _triton_kernels().chain_verify_triton(
+        target_probs, draft_tokens, draft_probs, draft_lens, seeds, positions)
+
+
+@torch.library.register_kernel("specops::chain_verify_greedy", "cuda")
+def _chain_verify_greedy_cuda(target_logits, draft_tokens, draft_lens):
+    _checks.chain_verify_greedy_meta(target_logits, draft_tokens, draft_lens)
+    if _checks.values_checked(target_logits.device):
+        _checks.chain_verify_greedy_values(target_logits, draft_tokens, draft_lens)
+    return _triton_kernels().chain_verify_greedy_triton(target_logits, draft_tokens, draft_lens)
