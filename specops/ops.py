@@ -181,7 +181,7 @@ def chain_verify(target_probs: Tensor, draft_tokens: Tensor, draft_probs: Tensor
     >>> probs = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]])
     >>> specops.chain_verify(probs, torch.tensor([[1, 0]]), seeds=torch.tensor([0]),
     ...                      positions=torch.tensor([7]))
-    (tensor([[1, 2, -1]]), tensor([1], dtype=torch.int32))
+    (tensor([[ 1,  2, -1]]), tensor([1], dtype=torch.int32))
     """
     _checks.check_tensor("chain_verify", "draft_tokens", draft_tokens, (torch.int64,), 2)
     draft_lens = _full_lens(draft_lens, draft_tokens)
@@ -215,7 +215,7 @@ def chain_verify_greedy(target_logits: Tensor, draft_tokens: Tensor,
 
     >>> logits = torch.tensor([[[0.0, 5.0, 1.0], [0.0, 1.0, 5.0], [5.0, 0.0, 1.0]]])
     >>> specops.chain_verify_greedy(logits, torch.tensor([[1, 0]]))
-    (tensor([[1, 2, -1]]), tensor([1], dtype=torch.int32))
+    (tensor([[ 1,  2, -1]]), tensor([1], dtype=torch.int32))
     """
     _checks.check_tensor("chain_verify_greedy", "draft_tokens", draft_tokens, (torch.int64,), 2)
     draft_lens = _full_lens(draft_lens, draft_tokens)
