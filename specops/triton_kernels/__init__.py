@@ -1,0 +1,12 @@
+"""Triton GPU kernels of specops (registered as the ops' CUDA kernels by specops/_gpu.py).
+
+Each launcher takes validated arguments, is sync-free (grids from shapes only) and so works
+inside CUDA graphs. Importing this package needs Triton but no GPU; with
+``TRITON_INTERPRET=1`` set before the import, the kernels run on CPU tensors in Triton's
+interpreter (how the tests run without a GPU).
+"""
+
+from .chain import chain_verify_greedy_triton, chain_verify_triton
+from .sampling import sampling_probs_triton
+
+__all__ = ["chain_verify_triton", "chain_verify_greedy_triton", "sampling_probs_triton"]
