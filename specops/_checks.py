@@ -66,14 +66,8 @@ def check_same_device(op: str, reference: Tensor, **tensors: Tensor | None) -> N
 
 def chain_verify_meta(target_probs, draft_tokens, draft_probs, draft_lens, seeds, positions):
     op = "chain_verify"
-    check_tensor(op, "target_probs", target_probs, (torch.float32,), 3)
-    batch, num_rows, vocab = target_probs.shape
-    if num_rows < 1 or vocab < 1:
-        raise ValueError(f"{op}: target_probs must be [B, K+1, V] with K+1 >= 1 and V >= 1, "
-                         f"got shape {tuple(target_probs.shape)}")
-    check_tensor(op, "draft_tokens", draft_tokens, (torch.int64,), 2)
-    check_size(op, "draft_tokens", draft_tokens, 0, batch, "B")
-    check_size(op, "draft_tokens", draft_tokens, 1, num_rows - 1, "K")
+    batch, num_rows, vocab = _check_rows_and_drafts(op, "target_probs", target_probs,
+                                                    (torch.float32,), draft_tokens)
     if draft_probs is not None:
         check_tensor(op, "draft_probs", draft_probs, (torch.float32,), 3)
         check_size(op, "draft_probs", draft_probs, 0, batch, "B")
@@ -87,14 +81,8 @@ def chain_verify_meta(target_probs, draft_tokens, draft_probs, draft_lens, seeds
 
 def chain_verify_greedy_meta(target_logits, draft_tokens, draft_lens):
     op = "chain_verify_greedy"
-    check_tensor(op, "target_logits", target_logits, FLOAT_LOGITS, 3)
-    batch, num_rows, vocab = target_logits.shape
-    if num_rows < 1 or vocab < 1:
-        raise ValueError(f"{op}: target_logits must be [B, K+1, V] with K+1 >= 1 and V >= 1, "
-                         f"got shape {tuple(target_logits.shape)}")
-    check_tensor(op, "draft_tokens", draft_tokens, (torch.int64,), 2)
-    check_size(op, "draft_tokens", draft_tokens, 0, batch, "B")
-    check_size(op, "draft_tokens", draft_tokens, 1, num_rows - 1, "K")
+    batch, _, _ = _check_rows_and_drafts(op, "target_logits", target_logits, FLOAT_LOGITS,
+                                         draft_tokens)
     _check_row_vectors(op, batch, draft_lens=(draft_lens, torch.int32))
     check_same_device(op, target_logits, draft_tokens=draft_tokens, draft_lens=draft_lens)
 
@@ -107,6 +95,20 @@ def sampling_probs_meta(logits, temperature, top_k, top_p):
     _check_row_vectors(op, logits.shape[0], temperature=(temperature, torch.float32),
                        top_k=(top_k, torch.int32), top_p=(top_p, torch.float32))
     check_same_device(op, logits, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+def _check_rows_and_drafts(op: str, name: str, rows: Tensor, dtypes: Sequence[torch.dtype],
+                           draft_tokens: Tensor) -> tuple[int, int, int]:
+    """``rows [B, K+1, V]`` and ``draft_tokens [B, K]``; returns ``(B, K+1, V)``."""
+    check_tensor(op, name, rows, dtypes, 3)
+    batch, num_rows, vocab = rows.shape
+    if num_rows < 1 or vocab < 1:
+        raise ValueError(f"{op}: {name} must be [B, K+1, V] with K+1 >= 1 and V >= 1, "
+                         f"got shape {tuple(rows.shape)}")
+    check_tensor(op, "draft_tokens", draft_tokens, (torch.int64,), 2)
+    check_size(op, "draft_tokens", draft_tokens, 0, batch, "B")
+    check_size(op, "draft_tokens", draft_tokens, 1, num_rows - 1, "K")
+    return batch, num_rows, vocab
 
 
 def _check_row_vectors(op: str, batch: int, **vectors: tuple[Tensor, torch.dtype]) -> None:
