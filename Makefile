@@ -10,6 +10,7 @@ STAMP := $(VENV)/.specops-deps
 
 $(STAMP): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: a bare `torch` would pull a multi-GB CUDA build here
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -r requirements-dev.txt

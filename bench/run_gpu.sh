@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One run on a lent GPU machine (H100/H200, no network), from the repo root, in under 4 minutes:
+# One run on a GPU machine (H100/H200; needs no network), from the repo root, in under 4 minutes:
 # build the extension, run the tests, compute-sanitizer memcheck + racecheck on the Triton
 # chain_verify, then the quick op benchmark. Logs and the CSV go to $OUT (default: a new
 # temporary folder), at most 8 files:
