@@ -28,6 +28,13 @@ TORCH_LIBRARY(specops, m) {
   m.def(
       "chain_verify_greedy(Tensor target_logits, Tensor draft_tokens, Tensor draft_lens) "
       "-> (Tensor, Tensor)");
+  m.def("tree_metadata(Tensor parents, Tensor num_nodes) -> (Tensor, Tensor)");
+  m.def(
+      "tree_verify(Tensor target_probs, Tensor tree_tokens, Tensor parents, Tensor num_nodes, "
+      "Tensor? draft_probs, Tensor seeds, Tensor positions) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "tree_verify_greedy(Tensor target_logits, Tensor tree_tokens, Tensor parents, "
+      "Tensor num_nodes) -> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -87,6 +87,50 @@ def chain_verify_greedy_meta(target_logits, draft_tokens, draft_lens):
     check_same_device(op, target_logits, draft_tokens=draft_tokens, draft_lens=draft_lens)
 
 
+def tree_metadata_meta(parents, num_nodes, op="tree_metadata"):
+    check_tensor(op, "parents", parents, (torch.int32,), 2)
+    if parents.shape[1] < 1:
+        raise ValueError(f"{op}: parents must be [B, T] with T >= 1 (node 0 is the root), "
+                         f"got shape {tuple(parents.shape)}")
+    _check_row_vectors(op, parents.shape[0], num_nodes=(num_nodes, torch.int32))
+    check_same_device(op, parents, num_nodes=num_nodes)
+
+
+def _tree_meta(op, rows_name, rows, dtypes, tree_tokens, parents, num_nodes):
+    check_tensor(op, rows_name, rows, dtypes, 3)
+    batch, num_slots, vocab = rows.shape
+    if num_slots < 1 or vocab < 1:
+        raise ValueError(f"{op}: {rows_name} must be [B, T, V] with T >= 1 and V >= 1, "
+                         f"got shape {tuple(rows.shape)}")
+    check_tensor(op, "tree_tokens", tree_tokens, (torch.int64,), 2)
+    check_tensor(op, "parents", parents, (torch.int32,), 2)
+    for name, t in (("tree_tokens", tree_tokens), ("parents", parents)):
+        check_size(op, name, t, 0, batch, "B")
+        check_size(op, name, t, 1, num_slots, "T")
+    _check_row_vectors(op, batch, num_nodes=(num_nodes, torch.int32))
+    check_same_device(op, rows, tree_tokens=tree_tokens, parents=parents, num_nodes=num_nodes)
+    return batch, num_slots, vocab
+
+
+def tree_verify_meta(target_probs, tree_tokens, parents, num_nodes, draft_probs, seeds,
+                     positions):
+    op = "tree_verify"
+    batch, num_slots, vocab = _tree_meta(op, "target_probs", target_probs, (torch.float32,),
+                                         tree_tokens, parents, num_nodes)
+    if draft_probs is not None:
+        check_tensor(op, "draft_probs", draft_probs, (torch.float32,), 3)
+        for dim, (size, what) in enumerate(((batch, "B"), (num_slots, "T"), (vocab, "V"))):
+            check_size(op, "draft_probs", draft_probs, dim, size, what)
+    _check_row_vectors(op, batch, seeds=(seeds, torch.int64), positions=(positions, torch.int64))
+    check_same_device(op, target_probs, draft_probs=draft_probs, seeds=seeds,
+                      positions=positions)
+
+
+def tree_verify_greedy_meta(target_logits, tree_tokens, parents, num_nodes):
+    _tree_meta("tree_verify_greedy", "target_logits", target_logits, FLOAT_LOGITS, tree_tokens,
+               parents, num_nodes)
+
+
 def sampling_probs_meta(logits, temperature, top_k, top_p):
     op = "sampling_probs"
     check_tensor(op, "logits", logits, FLOAT_LOGITS, 2)
@@ -169,6 +213,53 @@ def chain_verify_greedy_values(target_logits, draft_tokens, draft_lens):
     _check_tokens(op, draft_tokens, draft_lens, target_logits.shape[-1])
     if _level == "full":
         used = torch.arange(target_logits.shape[1], device=target_logits.device) <= draft_lens[:, None]
+        bad = used & target_logits.isnan().any(-1)
+        if bool(bad.any()):
+            raise ValueError(f"{op}: target_logits has NaN at {_first_bad_row(bad)}")
+
+
+def tree_values(op, parents, num_nodes, tree_tokens=None, vocab=None):
+    """num_nodes in 1..T; parents[:, 0] = -1 and 0 <= parents[b, i] < i for 1 <= i < num_nodes
+    (this rules out cycles); tokens of nodes 1..num_nodes-1 in 0..V-1."""
+    num_slots = parents.shape[1]
+    bad = (num_nodes < 1) | (num_nodes > num_slots)
+    if bool(bad.any()):
+        raise ValueError(f"{op}: num_nodes must be in 1..T={num_slots}, got "
+                         f"{int(num_nodes[bad][0])} at {_first_bad_row(bad)}")
+    if bool((parents[:, 0] != -1).any()):
+        bad = parents[:, 0] != -1
+        raise ValueError(f"{op}: parents[:, 0] must be -1 (node 0 is the root), got "
+                         f"{int(parents[bad][0, 0])} at {_first_bad_row(bad)}")
+    nodes = torch.arange(num_slots, device=parents.device)
+    used = (nodes >= 1) & (nodes < num_nodes[:, None])
+    bad = used & ((parents < 0) | (parents >= nodes))
+    if bool(bad.any()):
+        raise ValueError(f"{op}: parents must satisfy 0 <= parents[b, i] < i (topological "
+                         f"order, no cycles), got {int(parents[bad][0])} at {_first_bad_row(bad)}")
+    if tree_tokens is not None:
+        bad = used & ((tree_tokens < 0) | (tree_tokens >= vocab))
+        if bool(bad.any()):
+            raise ValueError(f"{op}: tree_tokens must be in 0..V-1={vocab - 1} for nodes "
+                             f"1..num_nodes-1, got {int(tree_tokens[bad][0])} at "
+                             f"{_first_bad_row(bad)}")
+
+
+def tree_verify_values(target_probs, tree_tokens, parents, num_nodes, draft_probs, positions):
+    op = "tree_verify"
+    tree_values(op, parents, num_nodes, tree_tokens, target_probs.shape[-1])
+    if bool((positions < 0).any()):
+        raise ValueError(f"{op}: positions must be >= 0, got {int(positions.min())}")
+    if _level == "full":
+        _check_prob_rows(op, "target_probs", target_probs, num_nodes)
+        if draft_probs is not None:  # row 0 is unused
+            _check_prob_rows(op, "draft_probs", draft_probs[:, 1:], num_nodes - 1)
+
+
+def tree_verify_greedy_values(target_logits, tree_tokens, parents, num_nodes):
+    op = "tree_verify_greedy"
+    tree_values(op, parents, num_nodes, tree_tokens, target_logits.shape[-1])
+    if _level == "full":
+        used = torch.arange(target_logits.shape[1], device=target_logits.device) < num_nodes[:, None]
         bad = used & target_logits.isnan().any(-1)
         if bool(bad.any()):
             raise ValueError(f"{op}: target_logits has NaN at {_first_bad_row(bad)}")

@@ -27,3 +27,32 @@ def _chain_outputs(target):
     batch, num_rows, _ = target.shape
     return (target.new_empty((batch, num_rows), dtype=torch.int64),
             target.new_empty((batch,), dtype=torch.int32))
+
+
+@torch.library.register_fake("specops::tree_metadata")
+def _tree_metadata_fake(parents, num_nodes):
+    _checks.tree_metadata_meta(parents, num_nodes)
+    batch, num_slots = parents.shape
+    return (parents.new_empty((batch, num_slots, num_slots), dtype=torch.bool),
+            parents.new_empty((batch, num_slots), dtype=torch.int32))
+
+
+@torch.library.register_fake("specops::tree_verify")
+def _tree_verify_fake(target_probs, tree_tokens, parents, num_nodes, draft_probs, seeds,
+                      positions):
+    _checks.tree_verify_meta(target_probs, tree_tokens, parents, num_nodes, draft_probs, seeds,
+                             positions)
+    return _tree_outputs(target_probs)
+
+
+@torch.library.register_fake("specops::tree_verify_greedy")
+def _tree_verify_greedy_fake(target_logits, tree_tokens, parents, num_nodes):
+    _checks.tree_verify_greedy_meta(target_logits, tree_tokens, parents, num_nodes)
+    return _tree_outputs(target_logits)
+
+
+def _tree_outputs(target):
+    batch, num_slots, _ = target.shape
+    return (target.new_empty((batch, num_slots), dtype=torch.int64),
+            target.new_empty((batch, num_slots), dtype=torch.int32),
+            target.new_empty((batch,), dtype=torch.int32))

@@ -41,3 +41,31 @@ def _chain_verify_greedy_cuda(target_logits, draft_tokens, draft_lens):
     if _checks.values_checked(target_logits.device):
         _checks.chain_verify_greedy_values(target_logits, draft_tokens, draft_lens)
     return _triton_kernels().chain_verify_greedy_triton(target_logits, draft_tokens, draft_lens)
+
+
+@torch.library.register_kernel("specops::tree_metadata", "cuda")
+def _tree_metadata_cuda(parents, num_nodes):
+    _checks.tree_metadata_meta(parents, num_nodes)
+    if _checks.values_checked(parents.device):
+        _checks.tree_values("tree_metadata", parents, num_nodes)
+    return _triton_kernels().tree_metadata_triton(parents, num_nodes)
+
+
+@torch.library.register_kernel("specops::tree_verify", "cuda")
+def _tree_verify_cuda(target_probs, tree_tokens, parents, num_nodes, draft_probs, seeds,
+                      positions):
+    args = (target_probs, tree_tokens, parents, num_nodes, draft_probs, seeds, positions)
+    _checks.tree_verify_meta(*args)
+    if _checks.values_checked(target_probs.device):
+        _checks.tree_verify_values(target_probs, tree_tokens, parents, num_nodes, draft_probs,
+                                   positions)
+    return _triton_kernels().tree_verify_triton(*args)
+
+
+@torch.library.register_kernel("specops::tree_verify_greedy", "cuda")
+def _tree_verify_greedy_cuda(target_logits, tree_tokens, parents, num_nodes):
+    args = (target_logits, tree_tokens, parents, num_nodes)
+    _checks.tree_verify_greedy_meta(*args)
+    if _checks.values_checked(target_logits.device):
+        _checks.tree_verify_greedy_values(*args)
+    return _triton_kernels().tree_verify_greedy_triton(*args)
