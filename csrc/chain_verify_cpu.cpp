@@ -19,27 +19,11 @@
 #include "checks.h"
 #include "draw_cpu.h"
 #include "philox.h"
+#include "rows_cpu.h"
 #include "vocab_chunks.h"
 
 namespace specops {
 namespace {
-
-// [B, R, V] rows addressed through their strides, without copying; the last dim is made
-// contiguous if it is not (never the case for tensors a model produces).
-template <class T>
-struct Rows {
-  at::Tensor keep_alive;
-  const T* base;
-  int64_t stride_b, stride_r;
-
-  explicit Rows(const at::Tensor& t)
-      : keep_alive(t.stride(2) == 1 ? t : t.contiguous()),
-        base(keep_alive.const_data_ptr<T>()),
-        stride_b(keep_alive.stride(0)),
-        stride_r(keep_alive.stride(1)) {}
-
-  const T* row(int64_t b, int64_t r) const { return base + b * stride_b + r * stride_r; }
-};
 
 // Shapes shared by both ops: rows [B, K+1, V], draft_tokens [B, K], draft_lens [B].
 void check_chain_shapes(const char* op, const char* rows_name, const at::Tensor& rows,

@@ -28,11 +28,23 @@ from .ops import (  # noqa: E402
     use_backend,
 )
 from .tree_ops import tree_metadata, tree_verify, tree_verify_greedy  # noqa: E402
+from .trees import (  # noqa: E402
+    chain_parents,
+    grow_tree,
+    pack_tree_mask,
+    tokens_from_topk,
+    tree_children,
+    tree_from_choices,
+    tree_paths,
+    unpack_tree_mask,
+)
 
 __version__ = "0.1.0"
 __all__ = ["chain_verify", "chain_verify_greedy", "sampling_probs", "set_backend", "get_backend",
            "use_backend", "set_checks", "get_checks", "reference", "tree_metadata",
-           "tree_verify", "tree_verify_greedy"]
+           "tree_verify", "tree_verify_greedy", "tree_children", "tree_paths", "pack_tree_mask",
+           "unpack_tree_mask", "chain_parents", "tree_from_choices", "tokens_from_topk",
+           "grow_tree"]
 
 if _C is None:
     set_backend("reference")

@@ -163,8 +163,10 @@ def _check_row_vectors(op: str, batch: int, **vectors: tuple[Tensor, torch.dtype
 
 # ---- values: read tensors, so they run only where values_checked() says ----
 
-def _first_bad_row(bad: Tensor) -> str:
+def _first_bad_row(bad: Tensor, row_offset: int = 0) -> str:
+    """``"row b, j"`` of the first True; ``row_offset`` is added to the last index."""
     index = bad.nonzero()[0].tolist()
+    index[-1] += row_offset
     return "row " + ", ".join(str(i) for i in index)
 
 
@@ -183,7 +185,8 @@ def _check_tokens(op: str, draft_tokens: Tensor, draft_lens: Tensor, vocab: int)
                          f"got {int(draft_tokens[bad][0])} at {_first_bad_row(bad)}")
 
 
-def _check_prob_rows(op: str, name: str, probs: Tensor, num_rows_used: Tensor) -> None:
+def _check_prob_rows(op: str, name: str, probs: Tensor, num_rows_used: Tensor,
+                     row_offset: int = 0) -> None:
     used = torch.arange(probs.shape[1], device=probs.device) < num_rows_used[:, None]
     finite = torch.isfinite(probs)
     bad_values = (~finite | (probs < 0)).any(-1)
@@ -191,7 +194,7 @@ def _check_prob_rows(op: str, name: str, probs: Tensor, num_rows_used: Tensor) -
     bad = used & (bad_values | zero_sum)
     if bool(bad.any()):
         raise ValueError(f"{op}: {name} has a row with NaN, inf, a negative entry or zero sum "
-                         f"at {_first_bad_row(bad)}")
+                         f"at {_first_bad_row(bad, row_offset)}")
 
 
 def chain_verify_values(target_probs, draft_tokens, draft_probs, draft_lens, positions):
@@ -252,7 +255,7 @@ def tree_verify_values(target_probs, tree_tokens, parents, num_nodes, draft_prob
     if _level == "full":
         _check_prob_rows(op, "target_probs", target_probs, num_nodes)
         if draft_probs is not None:  # row 0 is unused
-            _check_prob_rows(op, "draft_probs", draft_probs[:, 1:], num_nodes - 1)
+            _check_prob_rows(op, "draft_probs", draft_probs[:, 1:], num_nodes - 1, row_offset=1)
 
 
 def tree_verify_greedy_values(target_logits, tree_tokens, parents, num_nodes):

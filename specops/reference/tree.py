@@ -117,6 +117,13 @@ def _rows_at(rows: Tensor, node: Tensor) -> Tensor:
     return rows[torch.arange(rows.shape[0], device=rows.device), node.clamp(min=0)].float()
 
 
+def sibling_residual(r: Tensor, scale: Tensor, q: Tensor) -> Tensor:
+    """The residual after a rejected child: ``max(0, r / S - q)``, sanitised as every backend
+    reads it. r, q: [B, V] float32; scale: [B] float32. (A function of its own so that the
+    losslessness tests can swap in a wrong rule as a negative control.)"""
+    return sanitize(r / scale[:, None] - q)
+
+
 def tree_verify_ref(target_probs: Tensor, tree_tokens: Tensor, parents: Tensor,
                     num_nodes: Tensor, draft_probs: Tensor | None, seeds: Tensor,
                     positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -183,7 +190,7 @@ def tree_verify_ref(target_probs: Tensor, tree_tokens: Tensor, parents: Tensor,
         num_accepted = num_accepted + accept.int()
         current = torch.where(accept, node, current)
         # rejected: the residual, renormalised where used; zero mass keeps the previous one
-        residual = sanitize(r / scale[:, None] - q)
+        residual = sibling_residual(r, scale, q)
         mass = residual.double().sum(-1)
         update = reject & (mass > 0)
         r = torch.where(accept[:, None], _rows_at(target_probs, node),

@@ -8,5 +8,7 @@ interpreter (how the tests run without a GPU).
 
 from .chain import chain_verify_greedy_triton, chain_verify_triton
 from .sampling import sampling_probs_triton
+from .tree import tree_metadata_triton, tree_verify_greedy_triton, tree_verify_triton
 
-__all__ = ["chain_verify_triton", "chain_verify_greedy_triton", "sampling_probs_triton"]
+__all__ = ["chain_verify_triton", "chain_verify_greedy_triton", "sampling_probs_triton",
+           "tree_metadata_triton", "tree_verify_triton", "tree_verify_greedy_triton"]
