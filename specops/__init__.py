@@ -17,6 +17,7 @@ if _C is not None:
     from . import _fake, _gpu  # noqa: F401  (registrations)
 
 from . import reference  # noqa: E402
+from .kv_ops import kv_commit, kv_write  # noqa: E402
 from .ops import (  # noqa: E402
     chain_verify,
     chain_verify_greedy,
@@ -32,7 +33,7 @@ from .tree_ops import tree_metadata, tree_verify, tree_verify_greedy  # noqa: E4
 __version__ = "0.1.0"
 __all__ = ["chain_verify", "chain_verify_greedy", "sampling_probs", "set_backend", "get_backend",
            "use_backend", "set_checks", "get_checks", "reference", "tree_metadata",
-           "tree_verify", "tree_verify_greedy"]
+           "tree_verify", "tree_verify_greedy", "kv_commit", "kv_write"]
 
 if _C is None:
     set_backend("reference")

@@ -7,6 +7,8 @@ interpreter (how the tests run without a GPU).
 """
 
 from .chain import chain_verify_greedy_triton, chain_verify_triton
+from .kv import kv_commit_triton
 from .sampling import sampling_probs_triton
 
-__all__ = ["chain_verify_triton", "chain_verify_greedy_triton", "sampling_probs_triton"]
+__all__ = ["chain_verify_triton", "chain_verify_greedy_triton", "kv_commit_triton",
+           "sampling_probs_triton"]
