@@ -56,3 +56,9 @@ def _tree_outputs(target):
     return (target.new_empty((batch, num_slots), dtype=torch.int64),
             target.new_empty((batch, num_slots), dtype=torch.int32),
             target.new_empty((batch,), dtype=torch.int32))
+
+
+@torch.library.register_fake("specops::tree_attention")
+def _tree_attention_fake(q, k_cache, v_cache, cache_lens, mask, scale, block_tables):
+    _checks.tree_attention_meta(q, k_cache, v_cache, cache_lens, mask, scale, block_tables)
+    return q.new_empty(q.shape)

@@ -69,3 +69,12 @@ def _tree_verify_greedy_cuda(target_logits, tree_tokens, parents, num_nodes):
     if _checks.values_checked(target_logits.device):
         _checks.tree_verify_greedy_values(*args)
     return _triton_kernels().tree_verify_greedy_triton(*args)
+
+
+@torch.library.register_kernel("specops::tree_attention", "cuda")
+def _tree_attention_cuda(q, k_cache, v_cache, cache_lens, mask, scale, block_tables):
+    args = (q, k_cache, v_cache, cache_lens, mask, scale, block_tables)
+    capacity = _checks.tree_attention_meta(*args)
+    if _checks.values_checked(q.device):
+        _checks.tree_attention_values(q, k_cache, cache_lens, block_tables, capacity)
+    return _triton_kernels().tree_attention_triton(*args)
