@@ -41,7 +41,7 @@ namespace {
 
 constexpr const char* kOp = "tree_attention";
 constexpr int64_t kBlockSlots = 32;   // key/value slots per step of the online softmax
-constexpr int64_t kMaxTileRows = 64;  // query rows (nodes x grouped heads) per task
+constexpr int64_t kMaxTileRows = 128;  // query rows (nodes x grouped heads) per task
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Slot `slot` of row b, kv head `head`, in either cache layout; the last dim is contiguous.
@@ -193,10 +193,12 @@ SPECOPS_INLINE void attend_block(const Problem<T>& p, Scratch& w, int64_t b, int
           tree_j0 < 0 ? nullptr
                       : p.mask + (b * p.num_nodes + node_begin + r / p.group) * p.num_nodes +
                             tree_j0;
+      if (allowed != nullptr) {
+        for (int64_t j = 0; j < n; ++j) s[j] = allowed[j] ? s[j] : kNegInf;
+      }
       float block_max = kNegInf;
-      for (int64_t j = 0; j < kBlockSlots; ++j) {
-        const bool open = j < n && (allowed == nullptr || allowed[j]);
-        s[j] = open ? s[j] : kNegInf;
+      for (int64_t j = 0; j < kBlockSlots; ++j) {  // branch-free, so it vectorises
+        s[j] = j < n ? s[j] : kNegInf;
         block_max = std::max(block_max, s[j]);
       }
       const float m_old = w.m[r];
