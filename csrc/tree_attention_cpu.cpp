@@ -55,7 +55,9 @@ struct CacheView {
   int64_t max_blocks = 0, block_size = 1, num_blocks = 1;
 
   const T* row(int64_t b, int64_t head, int64_t slot) const {
-    if (block_table == nullptr) return base + b * stride_outer + slot * stride_slot + head * stride_head;
+    if (block_table == nullptr) {
+      return base + b * stride_outer + slot * stride_slot + head * stride_head;
+    }
     // Clamped: with checks off an out-of-range entry reads a block of the cache, never past it.
     const int64_t entry = block_table[b * max_blocks + slot / block_size];
     const int64_t block = std::min<int64_t>(std::max<int64_t>(entry, 0), num_blocks - 1);

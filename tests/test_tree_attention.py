@@ -241,6 +241,24 @@ def test_views_are_read_in_place_with_the_same_result():
     assert torch.equal(OPS.tree_attention(*args(strided)), expected)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_kernel_rows_do_not_depend_on_the_batch_or_threads(dtype):
+    """Node tiles depend on B, Hkv and the thread count; a row's result must not."""
+    gen = torch.Generator().manual_seed(12)
+    case = make_case(6, 37, 8, 2, 128, dtype, gen, paged=True, max_prefix=90)
+    full = OPS.tree_attention(*args(case))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for b in (0, 5):
+            single = dict(case, q=case["q"][b:b + 1], cache_lens=case["cache_lens"][b:b + 1],
+                          mask=case["mask"][b:b + 1],
+                          block_tables=case["block_tables"][b:b + 1])
+            assert torch.equal(OPS.tree_attention(*args(single))[0], full[b]), f"row {b}"
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("backend", ["kernels", "reference"])
 def test_public_wrapper_and_doctest(backend):
     with specops.use_backend(backend):

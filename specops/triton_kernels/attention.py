@@ -40,7 +40,8 @@ def _kv_offsets(b, kv_head, slots, in_range, block_tables_ptr, max_blocks, block
         offset = (slots % block_size).to(tl.int64)
         return block * stride_outer + offset * stride_slot + kv_head.to(tl.int64) * stride_head
     else:
-        return b * stride_outer + slots.to(tl.int64) * stride_slot + kv_head.to(tl.int64) * stride_head
+        return (b * stride_outer + slots.to(tl.int64) * stride_slot
+                + kv_head.to(tl.int64) * stride_head)
 
 
 @triton.jit
