@@ -39,6 +39,9 @@ TORCH_LIBRARY(specops, m) {
   m.def(
       "kv_commit(Tensor(a!)[] kv, Tensor cache_lens, Tensor path, Tensor num_accepted, "
       "Tensor? block_tables) -> Tensor");
+  m.def(
+      "tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, Tensor mask, "
+      "float? scale, Tensor? block_tables) -> Tensor");
 }
 
 PYBIND11_MODULE(_C, m) {

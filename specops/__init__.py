@@ -29,11 +29,13 @@ from .ops import (  # noqa: E402
     use_backend,
 )
 from .tree_ops import tree_metadata, tree_verify, tree_verify_greedy  # noqa: E402
+from .attention_ops import tree_attention  # noqa: E402
+from . import hf  # noqa: E402  (transformers integration; imports transformers lazily)
 
 __version__ = "0.1.0"
 __all__ = ["chain_verify", "chain_verify_greedy", "sampling_probs", "set_backend", "get_backend",
            "use_backend", "set_checks", "get_checks", "reference", "tree_metadata",
-           "tree_verify", "tree_verify_greedy", "kv_commit", "kv_write"]
+           "tree_verify", "tree_verify_greedy", "kv_commit", "kv_write", "tree_attention", "hf"]
 
 if _C is None:
     set_backend("reference")

@@ -457,3 +457,73 @@ def kv_write_values(cache, new_entries, cache_lens, block_tables):
         slots = lens[:, None] + torch.arange(num_new, device=lens.device)
         _used_blocks(op, block_tables, block_size, num_blocks, slots,
                      torch.ones_like(slots, dtype=torch.bool))
+
+
+# ---- tree attention ----
+
+def tree_attention_meta(q, k_cache, v_cache, cache_lens, mask, scale, block_tables) -> int:
+    """Dtype, shape and device of every argument; returns the cache capacity per row (``S``,
+    or ``max_blocks * block_size`` when paged)."""
+    op = "tree_attention"
+    check_tensor(op, "q", q, FLOAT_LOGITS, 4)
+    check_tensor(op, "k_cache", k_cache, (q.dtype,), 4)
+    check_tensor(op, "v_cache", v_cache, (q.dtype,), 4)
+    batch, num_nodes, num_heads, head_dim = q.shape
+    if num_heads < 1 or head_dim < 1:
+        raise ValueError(f"{op}: q must be [B, T, H, D] with H >= 1 and D >= 1, "
+                         f"got shape {tuple(q.shape)}")
+    paged = block_tables is not None
+    num_kv_heads = k_cache.shape[2 if paged else 1]
+    if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
+        raise ValueError(f"{op}: k_cache has {num_kv_heads} kv heads, which must divide q's "
+                         f"{num_heads} heads; got shape {tuple(k_cache.shape)}")
+    check_size(op, "k_cache", k_cache, 3, head_dim, "D")
+    if not paged:
+        check_size(op, "k_cache", k_cache, 0, batch, "B")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"{op}: v_cache must have k_cache's shape {tuple(k_cache.shape)}, "
+                         f"got shape {tuple(v_cache.shape)}")
+    _check_row_vectors(op, batch, cache_lens=(cache_lens, torch.int32))
+    check_tensor(op, "mask", mask, (torch.bool,), 3)
+    for dim, (size, what) in enumerate(((batch, "B"), (num_nodes, "T"), (num_nodes, "T"))):
+        check_size(op, "mask", mask, dim, size, what)
+    if paged:
+        check_tensor(op, "block_tables", block_tables, (torch.int32,), 2)
+        check_size(op, "block_tables", block_tables, 0, batch, "B")
+        if k_cache.shape[0] < 1 or k_cache.shape[1] < 1:
+            raise ValueError(f"{op}: k_cache must be [num_blocks, block_size, Hkv, D] with "
+                             f"num_blocks >= 1 and block_size >= 1, got shape "
+                             f"{tuple(k_cache.shape)}")
+        capacity = block_tables.shape[1] * k_cache.shape[1]
+    else:
+        capacity = k_cache.shape[2]
+    if capacity < num_nodes:
+        where = "block_tables.shape[1] * block_size" if paged else "k_cache.shape[2]"
+        raise ValueError(f"{op}: the cache holds {capacity} slots per row, fewer than the "
+                         f"T = {num_nodes} new nodes ({where})")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"{op}: scale must be a number or None, got {type(scale).__name__}")
+    check_same_device(op, q, k_cache=k_cache, v_cache=v_cache, cache_lens=cache_lens, mask=mask,
+                      block_tables=block_tables)
+    return capacity
+
+
+def tree_attention_values(q, k_cache, cache_lens, block_tables, capacity: int) -> None:
+    """cache_lens in ``0..capacity - T``; the block-table entries holding slots below
+    ``cache_lens + T`` in ``0..num_blocks - 1``."""
+    op = "tree_attention"
+    num_nodes = q.shape[1]
+    bad = (cache_lens < 0) | (cache_lens > capacity - num_nodes)
+    if bool(bad.any()):
+        raise ValueError(f"{op}: cache_lens must be in 0..{capacity - num_nodes} (the cache's "
+                         f"{capacity} slots minus T = {num_nodes}), got "
+                         f"{int(cache_lens[bad][0])} at {_first_bad_row(bad)}")
+    if block_tables is not None:
+        num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
+        entries = torch.arange(block_tables.shape[1], device=block_tables.device)
+        used = entries * block_size < (cache_lens.long() + num_nodes)[:, None]
+        bad = used & ((block_tables < 0) | (block_tables >= num_blocks))
+        if bool(bad.any()):
+            raise ValueError(f"{op}: block_tables entries holding slots below cache_lens + T "
+                             f"must be in 0..{num_blocks - 1} (num_blocks - 1), got "
+                             f"{int(block_tables[bad][0])} at {_first_bad_row(bad)}")
