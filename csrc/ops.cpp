@@ -35,6 +35,13 @@ TORCH_LIBRARY(specops, m) {
   m.def(
       "tree_verify_greedy(Tensor target_logits, Tensor tree_tokens, Tensor parents, "
       "Tensor num_nodes) -> (Tensor, Tensor, Tensor)");
+  // Moves the accepted path's cache entries behind the root in place, in every tensor of kv.
+  m.def(
+      "kv_commit(Tensor(a!)[] kv, Tensor cache_lens, Tensor path, Tensor num_accepted, "
+      "Tensor? block_tables) -> Tensor");
+  m.def(
+      "tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, Tensor mask, "
+      "float? scale, Tensor? block_tables) -> Tensor");
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -17,6 +17,7 @@ if _C is not None:
     from . import _fake, _gpu  # noqa: F401  (registrations)
 
 from . import reference  # noqa: E402
+from .kv_ops import kv_commit, kv_write  # noqa: E402
 from .ops import (  # noqa: E402
     chain_verify,
     chain_verify_greedy,
@@ -38,13 +39,15 @@ from .trees import (  # noqa: E402
     tree_paths,
     unpack_tree_mask,
 )
+from .attention_ops import tree_attention  # noqa: E402
+from . import hf  # noqa: E402  (transformers integration; imports transformers lazily)
 
 __version__ = "0.1.0"
 __all__ = ["chain_verify", "chain_verify_greedy", "sampling_probs", "set_backend", "get_backend",
            "use_backend", "set_checks", "get_checks", "reference", "tree_metadata",
            "tree_verify", "tree_verify_greedy", "tree_children", "tree_paths", "pack_tree_mask",
            "unpack_tree_mask", "chain_parents", "tree_from_choices", "tokens_from_topk",
-           "grow_tree"]
+           "grow_tree", "kv_commit", "kv_write", "tree_attention", "hf"]
 
 if _C is None:
     set_backend("reference")

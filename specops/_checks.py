@@ -281,3 +281,252 @@ def sampling_probs_values(logits, temperature, top_k, top_p):
         if bool(bad.any()):
             raise ValueError(f"{op}: logits has a row with NaN, +inf or only -inf at "
                              f"{_first_bad_row(bad)}")
+
+
+# ---- KV cache (contract, "KV-cache commit"; layouts as in "Tree attention") ----
+
+KV_DTYPES = FLOAT_LOGITS
+
+
+def kv_list(op: str, kv) -> list[Tensor]:
+    """``kv`` as a list of tensors (TypeError otherwise; ValueError when empty)."""
+    if isinstance(kv, Tensor) or not isinstance(kv, (list, tuple)):
+        raise TypeError(f"{op}: kv must be a list of tensors (one per layer and per K/V), "
+                        f"got {type(kv).__name__}")
+    if not kv:
+        raise ValueError(f"{op}: kv must hold at least one tensor")
+    for i, t in enumerate(kv):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: kv[{i}] must be a torch.Tensor, got {type(t).__name__}")
+    return list(kv)
+
+
+def kv_layout_meta(op: str, name: str, cache: Tensor, block_tables: Tensor | None,
+                   batch: int) -> tuple[int, int, int]:
+    """One cache tensor of either layout; returns ``(capacity S, Hkv, D)``.
+
+    Contiguous ``[B, Hkv, S, D]``, or paged ``[num_blocks, block_size, Hkv, D]`` with
+    ``block_tables [B, max_blocks]`` int32 (capacity ``max_blocks * block_size``).
+    """
+    check_tensor(op, name, cache, KV_DTYPES, 4)
+    # Every dim but B (contiguous) must be >= 1: a slot of zero elements is not a cache.
+    if min(cache.shape[1 if block_tables is None else 0:]) < 1:
+        raise ValueError(f"{op}: {name} must have every dim >= 1 (but B), got shape "
+                         f"{tuple(cache.shape)}")
+    if block_tables is None:
+        check_size(op, name, cache, 0, batch, "B, contiguous layout [B, Hkv, S, D]")
+        _, heads, capacity, dim = cache.shape
+        return capacity, heads, dim
+    check_tensor(op, "block_tables", block_tables, (torch.int32,), 2)
+    check_size(op, "block_tables", block_tables, 0, batch, "B")
+    if block_tables.shape[1] < 1:
+        raise ValueError(f"{op}: block_tables must be [B, max_blocks] with max_blocks >= 1, "
+                         f"got shape {tuple(block_tables.shape)}")
+    _, block_size, heads, dim = cache.shape
+    return block_tables.shape[1] * block_size, heads, dim
+
+
+def kv_commit_meta(kv, cache_lens, path, num_accepted, block_tables) -> tuple[int, int, int]:
+    """Dtypes, shapes, devices, and one set of strides for all of ``kv``; returns
+    ``(B, T, capacity S)``."""
+    op = "kv_commit"
+    kv = kv_list(op, kv)
+    check_tensor(op, "path", path, (torch.int32,), 2)
+    batch, num_slots = path.shape
+    if num_slots < 1:
+        raise ValueError(f"{op}: path must be [B, T] with T >= 1, got shape {tuple(path.shape)}")
+    _check_row_vectors(op, batch, cache_lens=(cache_lens, torch.int32),
+                       num_accepted=(num_accepted, torch.int32))
+    capacity, _, _ = kv_layout_meta(op, "kv[0]", kv[0], block_tables, batch)
+    first = kv[0]
+    for i, t in enumerate(kv[1:], 1):
+        check_tensor(op, f"kv[{i}]", t, (first.dtype,), 4)
+        if t.shape != first.shape:
+            raise ValueError(f"{op}: kv[{i}] has shape {tuple(t.shape)}, expected kv[0]'s "
+                             f"{tuple(first.shape)} (all kv tensors share one layout)")
+        if t.stride() != first.stride():
+            raise ValueError(f"{op}: kv[{i}] has strides {t.stride()}, expected kv[0]'s "
+                             f"{first.stride()} (all kv tensors are addressed with one set of "
+                             f"strides)")
+    check_same_device(op, first, cache_lens=cache_lens, path=path, num_accepted=num_accepted,
+                      block_tables=block_tables,
+                      **{f"kv[{i}]": t for i, t in enumerate(kv[1:], 1)})
+    return batch, num_slots, capacity
+
+
+def kv_distinct(op: str, kv: list[Tensor]) -> None:
+    """No tensor twice in ``kv`` (its moves would be applied twice, racing on a GPU). Reads
+    data pointers, so it runs on real tensors only; partial overlaps are not detected."""
+    seen = {}
+    for i, t in enumerate(kv):
+        j = seen.setdefault(t.data_ptr(), i)
+        if j != i:
+            raise ValueError(f"{op}: kv[{i}] and kv[{j}] are the same memory (each kv tensor "
+                             f"must appear once)")
+
+
+def _used_blocks(op: str, block_tables: Tensor, block_size: int, num_blocks: int, slots: Tensor,
+                 used: Tensor) -> None:
+    """Block-table entries of the slots ``slots [B, N]`` where ``used`` must be block ids."""
+    capacity = block_tables.shape[1] * block_size
+    entry = slots.clamp(0, capacity - 1) // block_size
+    blocks = block_tables.long().gather(1, entry)
+    bad = used & ((blocks < 0) | (blocks >= num_blocks))
+    if bool(bad.any()):
+        row, k = bad.nonzero()[0].tolist()
+        raise ValueError(f"{op}: block_tables[{row}, {int(entry[row, k])}] = "
+                         f"{int(blocks[row, k])} is outside 0..num_blocks-1={num_blocks - 1} "
+                         f"(it holds slot {int(slots[row, k])} of row {row})")
+
+
+def kv_commit_values(kv, cache_lens, path, num_accepted, block_tables):
+    """cache_lens >= 0; num_accepted in 0..T-1; cache_lens + 1 + num_accepted <= S; before
+    num_accepted, path increasing in 1..T-1 with cache_lens + path < S; the block-table entries
+    of every moved slot in 0..num_blocks-1.
+
+    Whether each path node is a child of the previous one needs the tree's parents, which the
+    op does not take: that is not checked (an increasing path of other nodes moves their
+    entries as asked)."""
+    op = "kv_commit"
+    batch, num_slots = path.shape
+    capacity, _, _ = kv_layout_meta(op, "kv[0]", kv[0], block_tables, batch)
+    lens, n = cache_lens.long(), num_accepted.long()
+    bad = lens < 0
+    if bool(bad.any()):
+        raise ValueError(f"{op}: cache_lens must be >= 0, got {int(lens[bad][0])} at "
+                         f"{_first_bad_row(bad)}")
+    bad = (n < 0) | (n > num_slots - 1)
+    if bool(bad.any()):
+        raise ValueError(f"{op}: num_accepted must be in 0..T-1={num_slots - 1}, got "
+                         f"{int(n[bad][0])} at {_first_bad_row(bad)}")
+    bad = lens + 1 + n > capacity
+    if bool(bad.any()):
+        raise ValueError(f"{op}: cache_lens + 1 + num_accepted must be <= S={capacity} (the "
+                         f"cache's capacity), got {int((lens + 1 + n)[bad][0])} at "
+                         f"{_first_bad_row(bad)}")
+    moves = torch.arange(num_slots, device=path.device)
+    active = moves < n[:, None]
+    p = path.long()
+    previous = torch.cat([torch.zeros_like(p[:, :1]), p[:, :-1]], dim=1)
+    bad = active & ((p <= previous) | (p > num_slots - 1))
+    if bool(bad.any()):
+        raise ValueError(f"{op}: path must hold increasing node indices in 1..T-1={num_slots - 1} "
+                         f"before num_accepted (a root-to-node path), got {int(p[bad][0])} at "
+                         f"{_first_bad_row(bad)}")
+    bad = active & (lens[:, None] + p >= capacity)
+    if bool(bad.any()):
+        raise ValueError(f"{op}: cache_lens + path must be < S={capacity} (node slots inside the "
+                         f"cache), got {int((lens[:, None] + p)[bad][0])} at "
+                         f"{_first_bad_row(bad)}")
+    if block_tables is not None:
+        num_blocks, block_size = kv[0].shape[:2]
+        slots = torch.cat([lens[:, None] + p, lens[:, None] + 1 + moves], dim=1)
+        _used_blocks(op, block_tables, block_size, num_blocks, slots,
+                     torch.cat([active, active], dim=1))
+
+
+def kv_write_meta(cache, new_entries, cache_lens, block_tables) -> tuple[int, int]:
+    """Returns ``(T, capacity S)``."""
+    op = "kv_write"
+    check_tensor(op, "new_entries", new_entries, KV_DTYPES, 4)
+    batch, heads, num_new, dim = new_entries.shape
+    _check_row_vectors(op, batch, cache_lens=(cache_lens, torch.int32))
+    capacity, cache_heads, cache_dim = kv_layout_meta(op, "cache", cache, block_tables, batch)
+    if cache.dtype != new_entries.dtype:
+        raise TypeError(f"{op}: new_entries must have cache's dtype "
+                        f"{str(cache.dtype).removeprefix('torch.')}, got "
+                        f"{str(new_entries.dtype).removeprefix('torch.')}")
+    if (cache_heads, cache_dim) != (heads, dim):
+        raise ValueError(f"{op}: new_entries must be [B, Hkv={cache_heads}, T, D={cache_dim}] "
+                         f"like cache, got shape {tuple(new_entries.shape)}")
+    check_same_device(op, cache, new_entries=new_entries, cache_lens=cache_lens,
+                      block_tables=block_tables)
+    return num_new, capacity
+
+
+def kv_write_values(cache, new_entries, cache_lens, block_tables):
+    """cache_lens >= 0, cache_lens + T <= S, block-table entries of the written slots in
+    range."""
+    op = "kv_write"
+    num_new, capacity = kv_write_meta(cache, new_entries, cache_lens, block_tables)
+    lens = cache_lens.long()
+    bad = (lens < 0) | (lens + num_new > capacity)
+    if bool(bad.any()):
+        raise ValueError(f"{op}: cache_lens must be in 0..S-T={capacity - num_new} (T={num_new} "
+                         f"new entries in a cache of capacity S={capacity}), got "
+                         f"{int(lens[bad][0])} at {_first_bad_row(bad)}")
+    if block_tables is not None:
+        num_blocks, block_size = cache.shape[:2]
+        slots = lens[:, None] + torch.arange(num_new, device=lens.device)
+        _used_blocks(op, block_tables, block_size, num_blocks, slots,
+                     torch.ones_like(slots, dtype=torch.bool))
+
+
+# ---- tree attention ----
+
+def tree_attention_meta(q, k_cache, v_cache, cache_lens, mask, scale, block_tables) -> int:
+    """Dtype, shape and device of every argument; returns the cache capacity per row (``S``,
+    or ``max_blocks * block_size`` when paged)."""
+    op = "tree_attention"
+    check_tensor(op, "q", q, FLOAT_LOGITS, 4)
+    check_tensor(op, "k_cache", k_cache, (q.dtype,), 4)
+    check_tensor(op, "v_cache", v_cache, (q.dtype,), 4)
+    batch, num_nodes, num_heads, head_dim = q.shape
+    if num_heads < 1 or head_dim < 1:
+        raise ValueError(f"{op}: q must be [B, T, H, D] with H >= 1 and D >= 1, "
+                         f"got shape {tuple(q.shape)}")
+    paged = block_tables is not None
+    num_kv_heads = k_cache.shape[2 if paged else 1]
+    if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
+        raise ValueError(f"{op}: k_cache has {num_kv_heads} kv heads, which must divide q's "
+                         f"{num_heads} heads; got shape {tuple(k_cache.shape)}")
+    check_size(op, "k_cache", k_cache, 3, head_dim, "D")
+    if not paged:
+        check_size(op, "k_cache", k_cache, 0, batch, "B")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"{op}: v_cache must have k_cache's shape {tuple(k_cache.shape)}, "
+                         f"got shape {tuple(v_cache.shape)}")
+    _check_row_vectors(op, batch, cache_lens=(cache_lens, torch.int32))
+    check_tensor(op, "mask", mask, (torch.bool,), 3)
+    for dim, (size, what) in enumerate(((batch, "B"), (num_nodes, "T"), (num_nodes, "T"))):
+        check_size(op, "mask", mask, dim, size, what)
+    if paged:
+        check_tensor(op, "block_tables", block_tables, (torch.int32,), 2)
+        check_size(op, "block_tables", block_tables, 0, batch, "B")
+        if k_cache.shape[0] < 1 or k_cache.shape[1] < 1:
+            raise ValueError(f"{op}: k_cache must be [num_blocks, block_size, Hkv, D] with "
+                             f"num_blocks >= 1 and block_size >= 1, got shape "
+                             f"{tuple(k_cache.shape)}")
+        capacity = block_tables.shape[1] * k_cache.shape[1]
+    else:
+        capacity = k_cache.shape[2]
+    if capacity < num_nodes:
+        where = "block_tables.shape[1] * block_size" if paged else "k_cache.shape[2]"
+        raise ValueError(f"{op}: the cache holds {capacity} slots per row, fewer than the "
+                         f"T = {num_nodes} new nodes ({where})")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"{op}: scale must be a number or None, got {type(scale).__name__}")
+    check_same_device(op, q, k_cache=k_cache, v_cache=v_cache, cache_lens=cache_lens, mask=mask,
+                      block_tables=block_tables)
+    return capacity
+
+
+def tree_attention_values(q, k_cache, cache_lens, block_tables, capacity: int) -> None:
+    """cache_lens in ``0..capacity - T``; the block-table entries holding slots below
+    ``cache_lens + T`` in ``0..num_blocks - 1``."""
+    op = "tree_attention"
+    num_nodes = q.shape[1]
+    bad = (cache_lens < 0) | (cache_lens > capacity - num_nodes)
+    if bool(bad.any()):
+        raise ValueError(f"{op}: cache_lens must be in 0..{capacity - num_nodes} (the cache's "
+                         f"{capacity} slots minus T = {num_nodes}), got "
+                         f"{int(cache_lens[bad][0])} at {_first_bad_row(bad)}")
+    if block_tables is not None:
+        num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
+        entries = torch.arange(block_tables.shape[1], device=block_tables.device)
+        used = entries * block_size < (cache_lens.long() + num_nodes)[:, None]
+        bad = used & ((block_tables < 0) | (block_tables >= num_blocks))
+        if bool(bad.any()):
+            raise ValueError(f"{op}: block_tables entries holding slots below cache_lens + T "
+                             f"must be in 0..{num_blocks - 1} (num_blocks - 1), got "
+                             f"{int(block_tables[bad][0])} at {_first_bad_row(bad)}")

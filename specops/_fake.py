@@ -56,3 +56,15 @@ def _tree_outputs(target):
     return (target.new_empty((batch, num_slots), dtype=torch.int64),
             target.new_empty((batch, num_slots), dtype=torch.int32),
             target.new_empty((batch,), dtype=torch.int32))
+
+
+@torch.library.register_fake("specops::kv_commit")
+def _kv_commit_fake(kv, cache_lens, path, num_accepted, block_tables):
+    _checks.kv_commit_meta(kv, cache_lens, path, num_accepted, block_tables)
+    return cache_lens.new_empty(cache_lens.shape, dtype=torch.int32)
+
+
+@torch.library.register_fake("specops::tree_attention")
+def _tree_attention_fake(q, k_cache, v_cache, cache_lens, mask, scale, block_tables):
+    _checks.tree_attention_meta(q, k_cache, v_cache, cache_lens, mask, scale, block_tables)
+    return q.new_empty(q.shape)

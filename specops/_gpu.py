@@ -69,3 +69,22 @@ def _tree_verify_greedy_cuda(target_logits, tree_tokens, parents, num_nodes):
     if _checks.values_checked(target_logits.device):
         _checks.tree_verify_greedy_values(*args)
     return _triton_kernels().tree_verify_greedy_triton(*args)
+
+
+@torch.library.register_kernel("specops::kv_commit", "cuda")
+def _kv_commit_cuda(kv, cache_lens, path, num_accepted, block_tables):
+    args = (kv, cache_lens, path, num_accepted, block_tables)
+    _checks.kv_commit_meta(*args)
+    _checks.kv_distinct("kv_commit", kv)
+    if _checks.values_checked(cache_lens.device):
+        _checks.kv_commit_values(*args)  # before any write: a failed check leaves kv as it was
+    return _triton_kernels().kv_commit_triton(*args)
+
+
+@torch.library.register_kernel("specops::tree_attention", "cuda")
+def _tree_attention_cuda(q, k_cache, v_cache, cache_lens, mask, scale, block_tables):
+    args = (q, k_cache, v_cache, cache_lens, mask, scale, block_tables)
+    capacity = _checks.tree_attention_meta(*args)
+    if _checks.values_checked(q.device):
+        _checks.tree_attention_values(q, k_cache, cache_lens, block_tables, capacity)
+    return _triton_kernels().tree_attention_triton(*args)
