@@ -7,8 +7,6 @@ schemas. Contract: specops-contract.md; see README.md.
 
 import os
 
-import torch
-
 from . import _checks
 from ._extension import load_extension
 

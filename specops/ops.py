@@ -4,7 +4,6 @@ pure-PyTorch reference in :mod:`specops.reference`.
 """
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 import torch

@@ -7,15 +7,13 @@ from the committed sequence. The Triton kernel runs under Triton's interpreter w
 """
 
 import doctest
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from helpers import assert_compiles_for_hopper
 
 import specops
 import specops.kv_ops
@@ -653,11 +651,4 @@ _COMPILE_FOR_HOPPER = textwrap.dedent("""
 @pytest.mark.skipif(CUDA or not TRITON, reason="on a GPU the other tests compile the kernel")
 def test_kernel_compiles_for_hopper():
     """The kernel compiles to an sm_90 cubin (Triton's own ptxas, no GPU needed)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, cwd=root,
-                            capture_output=True, text=True, timeout=300)
-    if "No module named" in result.stderr and "backends" in result.stderr:
-        pytest.skip("this Triton build has no NVIDIA backend")
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+    assert_compiles_for_hopper(_COMPILE_FOR_HOPPER, timeout=300)

@@ -9,10 +9,7 @@ tolerance table below). Then a chain tree against ordinary causal attention, reg
 """
 
 import doctest
-import math
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -21,6 +18,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.bias import causal_lower_right
+from helpers import assert_compiles_for_hopper
 
 import specops
 import specops.attention_ops
@@ -365,14 +363,7 @@ def test_triton_kernels_compile_for_hopper():
     """The split and combine kernels compile to sm_90 cubins (Triton's own ptxas, no GPU), so
     code the interpreter accepts but the compiler rejects fails here, not on a GPU."""
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, cwd=root,
-                            capture_output=True, text=True, timeout=600)
-    if "No module named" in result.stderr and "backends" in result.stderr:
-        pytest.skip("this Triton build has no NVIDIA backend")
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+    assert_compiles_for_hopper(_COMPILE_FOR_HOPPER, timeout=600)
 
 
 # ---------------------------------------------------------------------------- registration

@@ -7,12 +7,11 @@ CUDA-graph replay.
 """
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from helpers import assert_compiles_for_hopper
 
 # Must happen before triton is imported (it decides at import), so before specops.
 if not torch.cuda.is_available():
@@ -509,11 +508,4 @@ _COMPILE_FOR_HOPPER = textwrap.dedent("""
 def test_tree_kernels_compile_for_hopper():
     """Every tree kernel compiles to an sm_90 cubin (Triton's own ptxas, no GPU needed), so
     code the interpreter accepts but the compiler rejects fails here rather than on a GPU."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, cwd=root,
-                            capture_output=True, text=True, timeout=600)
-    if "No module named" in result.stderr and "backends" in result.stderr:
-        pytest.skip("this Triton build has no NVIDIA backend")
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+    assert_compiles_for_hopper(_COMPILE_FOR_HOPPER, timeout=600)

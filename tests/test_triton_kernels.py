@@ -6,12 +6,11 @@ GPU the same tests run natively on CUDA tensors, plus the large-vocabulary ones.
 """
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from helpers import assert_compiles_for_hopper
 
 # Must happen before triton is imported (it decides at import, for its own tl.min etc. too),
 # so before specops, whose package __init__ may import specops.triton_kernels.
@@ -444,11 +443,4 @@ _COMPILE_FOR_HOPPER = textwrap.dedent("""
 def test_kernels_compile_for_hopper():
     """Every kernel compiles to an sm_90 cubin (Triton's own ptxas, no GPU needed), so code
     the interpreter accepts but the compiler rejects fails here rather than on a GPU."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, cwd=root,
-                            capture_output=True, text=True, timeout=600)
-    if "No module named" in result.stderr and "backends" in result.stderr:
-        pytest.skip("this Triton build has no NVIDIA backend")
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+    assert_compiles_for_hopper(_COMPILE_FOR_HOPPER, timeout=600)
