@@ -54,31 +54,55 @@ fi
 # 2. Tests (the GPU tests run natively here); this also compiles the Triton kernels, so the
 #    sanitizer runs below find them in the cache.
 if [[ -z ${SKIP_TESTS:-} ]]; then
-  step pytest 80 "$PY" -m pytest -q tests -x
+  step pytest 110 "$PY" -m pytest -q tests -x
 fi
 
 # 3. The quick benchmark, before the sanitizers: its numbers are the run's main product.
 step bench 100 "$PY" bench/bench_ops.py $BENCH_ARGS
 cp bench/results/ops_gpu.csv "$OUT/" 2>/dev/null
 
-# 4. compute-sanitizer on a few Triton chain_verify calls. Without the caching allocator every
+# 4. compute-sanitizer on a few calls of every Triton kernel (kv_commit's overlapping moves
+#    race only on real hardware: racecheck is the test). Without the caching allocator every
 #    tensor is its own allocation, so memcheck sees a read past a tensor's end.
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 PROBE=$(mktemp --suffix=.py)
 cat >"$PROBE" <<'EOF'
-import torch, specops
+import os, torch, specops
+dev = os.environ.get("PROBE_DEVICE", "cuda")
 gen = torch.Generator().manual_seed(0)
 for batch, num_slots, vocab in [(2, 3, 1000), (1, 5, 151936), (3, 2, 8193)]:
-    p = torch.randn(batch, num_slots + 1, vocab, generator=gen).softmax(-1).cuda()
-    q = torch.randn(batch, num_slots, vocab, generator=gen).softmax(-1).cuda()
-    x = torch.randint(vocab, (batch, num_slots), generator=gen).cuda()
-    seeds = torch.arange(batch, device="cuda")
-    positions = torch.full((batch,), 10, device="cuda")
-    lens = torch.arange(batch, device="cuda", dtype=torch.int32).clamp(max=num_slots)
+    p = torch.randn(batch, num_slots + 1, vocab, generator=gen).softmax(-1).to(dev)
+    q = torch.randn(batch, num_slots, vocab, generator=gen).softmax(-1).to(dev)
+    x = torch.randint(vocab, (batch, num_slots), generator=gen).to(dev)
+    seeds = torch.arange(batch, device=dev)
+    positions = torch.full((batch,), 10, device=dev)
+    lens = torch.arange(batch, device=dev, dtype=torch.int32).clamp(max=num_slots)
     for draft_probs in (q, None):
         specops.chain_verify(p, x, draft_probs, lens, seeds=seeds, positions=positions)
     specops.chain_verify_greedy(p.log(), x, lens)
-torch.cuda.synchronize()
+    specops.sampling_probs(p[:, 0].log(), temperature=0.8, top_k=50, top_p=0.9)
+    # a tree: root, two children, a grandchild under each (duplicate tokens among siblings)
+    parents = torch.tensor([[-1, 0, 0, 1, 2]] * batch, dtype=torch.int32, device=dev)
+    tree_p = torch.randn(batch, 5, vocab, generator=gen).softmax(-1).to(dev)
+    tree_q = torch.randn(batch, 5, vocab, generator=gen).softmax(-1).to(dev)
+    tokens = torch.randint(vocab, (batch, 5), generator=gen).to(dev)
+    tokens[:, 2] = tokens[:, 1]
+    mask, depth = specops.tree_metadata(parents)
+    for draft_probs in (tree_q, None):
+        specops.tree_verify(tree_p, tokens, parents, None, draft_probs, seeds=seeds,
+                            positions=positions)
+    specops.tree_verify_greedy(tree_p.log(), tokens, parents)
+    heads, kv_heads, dim, capacity = 8, 2, 64, 64
+    cache_lens = torch.full((batch,), 20, dtype=torch.int32, device=dev)
+    k_cache = torch.randn(batch, kv_heads, capacity, dim, generator=gen).to(dev)
+    v_cache = torch.randn(batch, kv_heads, capacity, dim, generator=gen).to(dev)
+    query = torch.randn(batch, 5, heads, dim, generator=gen).to(dev)
+    specops.tree_attention(query, k_cache, v_cache, cache_lens, mask)
+    overlapping = torch.tensor([[2, 4, -1, -1, -1]] * batch, dtype=torch.int32, device=dev)
+    specops.kv_commit([k_cache, v_cache], cache_lens, overlapping,
+                      torch.full((batch,), 2, dtype=torch.int32, device=dev))
+if dev == "cuda":
+    torch.cuda.synchronize()
 print("probe ok")
 EOF
 for tool in memcheck racecheck; do
