@@ -1,8 +1,9 @@
 """specops: speculative-decoding ops for PyTorch.
 
-Lossless verification of draft tokens (chains), sampling distributions, with a pure-PyTorch
-reference, C++ CPU kernels and Triton GPU kernels behind one set of ``torch.ops.specops``
-schemas. Contract: specops-contract.md; see README.md.
+Lossless verification of draft chains and token trees, sampling distributions, tree
+attention and KV-cache commit, each with a pure-PyTorch reference, a C++ CPU kernel and a
+Triton GPU kernel behind one set of ``torch.ops.specops`` schemas. Contract:
+specops-contract.md; see README.md.
 """
 
 import os
