@@ -42,6 +42,9 @@ CASES = [  # B, T, H, Hkv, D, prefix
     (1, 64, 32, 8, 128, 1024),
     (4, 16, 32, 8, 128, 2048),
 ]
+# The grid: 8B-model heads, prefix 1k/4k/16k, T in {1, 8, 64}, B in {1, 8} (--grid).
+GRID = [(batch, nodes, 32, 8, 128, prefix) for batch in (1, 8) for nodes in (1, 8, 64)
+        for prefix in (1024, 4096, 16384)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 COLUMNS = ["date", "commit", "machine", "device", "num_threads", "torch", "triton", "python",
            "command", "provider", "B", "T", "H", "Hkv", "D", "prefix", "dtype", "median_us",
@@ -115,6 +118,9 @@ def main():
     parser.add_argument("--min-reps", type=int, default=10)
     parser.add_argument("--csv", default=None)
     parser.add_argument("--no-csv", action="store_true")
+    parser.add_argument("--grid", action="store_true",
+                        help="the full grid (B 1/8 x T 1/8/64 x prefix 1k/4k/16k) instead of "
+                             "the three headline cases")
     args = parser.parse_args()
     device = args.device
     try:
@@ -129,7 +135,7 @@ def main():
            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
     rows = []
     for dtype_name, dtype in DTYPES.items():
-        for case in CASES:
+        for case in GRID if args.grid else CASES:
             inputs = make_inputs(*case, dtype, device)
             fns = providers(*inputs)
             with specops.use_backend("reference"):
