@@ -32,7 +32,6 @@ import platform
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -41,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # this checkout's specops and bench helpers
 import specops  # noqa: E402
 from bench_ops import git_commit, machine  # noqa: E402
+from timing import run_case  # noqa: E402
 
 LAYERS, T, HKV, D, S = 32, 64, 8, 128, 2048
 CASES = [(1, "float32"), (1, "bfloat16"), (8, "float32"), (8, "bfloat16")]  # (B, dtype)
@@ -118,35 +118,6 @@ def check_equal(fns, kv, cache_lens):
     return {name: bool(torch.equal(lens, lens0)
                        and all(torch.equal(a, b) for a, b in zip(windows, windows0)))
             for name, (lens, windows) in results.items()}
-
-
-def clock(fn, device):
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) * 1e3
-    t = time.perf_counter_ns()
-    fn()
-    return (time.perf_counter_ns() - t) / 1e3
-
-
-def run_case(fns, device, budget_s, min_reps):
-    for fn in fns.values():  # warm-up: page faults, caches, thread pools
-        fn()
-        fn()
-    names = list(fns)
-    times = {name: [] for name in names}
-    deadline = time.monotonic() + budget_s
-    rep = 0
-    while rep < min_reps or time.monotonic() < deadline:
-        for i in range(len(names)):
-            name = names[(rep + i) % len(names)]
-            times[name].append(clock(fns[name], device))
-        rep += 1
-    return times
 
 
 def main():

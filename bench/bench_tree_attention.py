@@ -23,7 +23,6 @@ import platform
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 # This checkout's specops (not another installed copy), and bench_ops' record helpers.
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 from bench_ops import git_commit, machine  # noqa: E402
+from timing import run_case  # noqa: E402
 
 import specops  # noqa: E402
 from specops.reference.tree import tree_metadata_ref  # noqa: E402
@@ -80,35 +80,6 @@ def providers(q, k, v, cache_lens, mask, full_mask):
         return specops.tree_attention(q, k, v, cache_lens, mask)
 
     return {"sdpa-mask": sdpa, "specops-reference": reference, "specops-kernel": kernel}
-
-
-def clock(fn, device):
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) * 1e3
-    t = time.perf_counter_ns()
-    fn()
-    return (time.perf_counter_ns() - t) / 1e3
-
-
-def run_case(fns, device, budget_s, min_reps):
-    for fn in fns.values():  # warm-up: JIT, caches, thread pools
-        fn()
-        fn()
-    names = list(fns)
-    times = {name: [] for name in names}
-    deadline = time.monotonic() + budget_s
-    rep = 0
-    while rep < min_reps or time.monotonic() < deadline:
-        for i in range(len(names)):
-            name = names[(rep + i) % len(names)]
-            times[name].append(clock(fns[name], device))
-        rep += 1
-    return times
 
 
 def main():
