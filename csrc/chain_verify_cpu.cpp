@@ -239,29 +239,6 @@ void greedy_walk(const Rows<T>& logits, const int64_t* drafts, const int32_t* le
   }
 }
 
-template <class T>
-void check_no_nan_rows(const char* op, const Rows<T>& logits, int64_t batch, int64_t num_rows,
-                       int64_t vocab, const int32_t* lens) {
-  std::vector<char> has_nan(batch * num_rows, 0);
-  at::parallel_for(0, batch * num_rows, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t t = lo; t < hi; ++t) {
-      const int64_t b = t / num_rows, r = t % num_rows;
-      if (r > lens[b]) continue;
-      const T* row = logits.row(b, r);
-      int nan = 0;
-      for (int64_t i = 0; i < vocab; ++i) {
-        const float x = static_cast<float>(row[i]);
-        nan |= x != x;
-      }
-      has_nan[t] = char(nan);
-    }
-  });
-  for (int64_t t = 0; t < batch * num_rows; ++t) {
-    TORCH_CHECK_VALUE(!has_nan[t], op, ": target_logits[", t / num_rows, ", ", t % num_rows,
-                      "] holds a NaN (full checks scan every row up to draft_lens)");
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> chain_verify_greedy_cpu(const at::Tensor& target_logits,
                                                            const at::Tensor& draft_tokens,
                                                            const at::Tensor& draft_lens) {
@@ -287,7 +264,9 @@ std::tuple<at::Tensor, at::Tensor> chain_verify_greedy_cpu(const at::Tensor& tar
     using T = decltype(tag);
     const Rows<T> logits(target_logits);
     if (level >= CheckLevel::kFull) {
-      check_no_nan_rows(op, logits, batch, num_slots + 1, vocab, lens);
+      check_no_nan_rows(op, logits, batch, num_slots + 1, vocab,
+                        [&](int64_t b) { return int64_t{lens[b]} + 1; },
+                        "every row up to draft_lens");
     }
     greedy_walk(logits, drafts, lens, batch, num_slots, vocab, tokens.data_ptr<int64_t>(),
                 accepted.data_ptr<int32_t>());

@@ -179,29 +179,6 @@ void check_prob_rows(const char* op, const char* name, const Rows<float>& rows, 
   }
 }
 
-template <class T>
-void check_no_nan_rows(const char* op, const Rows<T>& logits, int64_t batch, int64_t num_slots,
-                       int64_t vocab, const int32_t* num_nodes) {
-  std::vector<char> has_nan(batch * num_slots, 0);
-  at::parallel_for(0, batch * num_slots, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t t = lo; t < hi; ++t) {
-      const int64_t b = t / num_slots, i = t % num_slots;
-      if (i >= num_nodes[b]) continue;
-      const T* row = logits.row(b, i);
-      int nan = 0;
-      for (int64_t v = 0; v < vocab; ++v) {
-        const float x = static_cast<float>(row[v]);
-        nan |= x != x;
-      }
-      has_nan[t] = char(nan);
-    }
-  });
-  for (int64_t t = 0; t < batch * num_slots; ++t) {
-    TORCH_CHECK_VALUE(!has_nan[t], op, ": target_logits[", t / num_slots, ", ", t % num_slots,
-                      "] holds a NaN (full checks scan the rows of the nodes below num_nodes)");
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // tree_metadata
 
@@ -603,7 +580,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_verify_greedy_cpu(
     using T = decltype(tag);
     const Rows<T> logits(target_logits);
     if (level >= CheckLevel::kFull) {
-      check_no_nan_rows(op, logits, batch, num_slots, vocab, nodes);
+      check_no_nan_rows(op, logits, batch, num_slots, vocab,
+                        [&](int64_t b) { return int64_t{nodes[b]}; },
+                        "the rows of the nodes below num_nodes");
     }
     greedy_tree_walk(logits, x, tree, batch, num_slots, vocab, tokens.data_ptr<int64_t>(),
                      path.data_ptr<int32_t>(), accepted.data_ptr<int32_t>());

@@ -1,5 +1,7 @@
 """Small helpers shared by the tests."""
 
+import contextlib
+
 import torch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -54,3 +56,16 @@ def assert_compiles_for_hopper(script: str, timeout: int = 600) -> None:
     if "No module named" in result.stderr and "backends" in result.stderr:
         pytest.skip("this Triton build has no NVIDIA backend")
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+
+
+@contextlib.contextmanager
+def check_level(level: int):
+    """The C++ kernels' check level, 0 off, 1 cheap (the default), 2 full, for one block;
+    always restores the default."""
+    import specops
+
+    specops._C.set_check_level(level)
+    try:
+        yield
+    finally:
+        specops._C.set_check_level(1)

@@ -5,7 +5,6 @@ lengths, one-hot rows, q(x) = 0, bad values with checks off; then the input chec
 contract's "Bad input" at each check level.
 """
 
-import contextlib
 
 import pytest
 import torch
@@ -16,21 +15,13 @@ import specops
 import specops._C  # noqa: F401  (registers the kernels, also before specops/__init__.py exists)
 from specops.reference import chain_verify_greedy_ref, chain_verify_ref, sampling_probs_ref
 
+from helpers import check_level
+
 OPS = torch.ops.specops
 CHUNK = 8192  # kVocabChunk in csrc/vocab_chunks.h: rows are summed and searched in these chunks
 EDGE_VOCABS = [1, 2, CHUNK - 1, CHUNK, CHUNK + 1, 32000, 151936]
 LOGIT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 INT64 = st.integers(-2**63, 2**63 - 1)
-
-
-@contextlib.contextmanager
-def check_level(level: int):
-    """0 off, 1 cheap (the default), 2 full; always restores the default."""
-    specops._C.set_check_level(level)
-    try:
-        yield
-    finally:
-        specops._C.set_check_level(1)
 
 
 def assert_rows_equal(actual: torch.Tensor, expected: torch.Tensor, what: str, **context) -> None:

@@ -5,7 +5,6 @@ vocabularies at the kernel's chunk edges, literal cases for the residual carried
 siblings (zero-mass residuals included), then the input checks at each check level.
 """
 
-import contextlib
 
 import pytest
 import torch
@@ -17,22 +16,14 @@ import specops._C  # noqa: F401  (registers the kernels)
 from specops.reference.tree import (tree_children_ref, tree_metadata_ref,
                                     tree_verify_greedy_ref, tree_verify_ref)
 
+from helpers import check_level
+
 OPS = torch.ops.specops
 CHUNK = 8192  # kVocabChunk in csrc/vocab_chunks.h
 EDGE_VOCABS = [1, 2, 100, CHUNK - 1, CHUNK, CHUNK + 1, 32000]
 LOGIT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = ("chain", "star", "kary", "random", "deep")
 INT64 = st.integers(-2**63, 2**63 - 1)
-
-
-@contextlib.contextmanager
-def check_level(level: int):
-    """0 off, 1 cheap (the default), 2 full; always restores the default."""
-    specops._C.set_check_level(level)
-    try:
-        yield
-    finally:
-        specops._C.set_check_level(1)
 
 
 def assert_same(actual, expected, names, **context) -> None:
