@@ -1,0 +1,215 @@
+"""Cost-aware draft length: pick the number of draft tokens per step that maximises tokens/s.
+
+With draft length ``g``, one step emits per row, in expectation,
+``1 + sum_{j=1..g} prod_{i<=j} a_i`` tokens (Leviathan et al., 2023,
+https://arxiv.org/abs/2211.17192, with per-position rates), where ``a_i`` is the conditional
+acceptance of draft position ``i``: the probability it is accepted given positions ``< i``
+were. The step costs ``g * draft_step_seconds + verify_seconds(g + 1) + overhead_seconds``;
+``g = 0`` is plain decoding, one token for ``verify_seconds(1)``. The controller estimates
+``a`` online and picks ``g`` with the best ratio.
+"""
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class CostModel:
+    """Seconds per decoding step as a function of the draft length.
+
+    Args:
+        verify_seconds: Measured target cost of one step that scores ``n`` tokens per row,
+            keyed by ``n >= 1``, values ``> 0``. Between measured ``n`` it is interpolated
+            linearly; above the largest it extends the line through the last two, with the slope
+            clamped at ``>= 0`` so that noise never makes more tokens cheaper; below the smallest
+            (and everywhere, with one measurement) it is flat.
+        draft_step_seconds: One draft-model step, ``>= 0`` (0 for prompt lookup).
+        overhead_seconds: A fixed per-step cost (sampling, bookkeeping), ``>= 0``.
+    """
+
+    verify_seconds: dict[int, float]
+    draft_step_seconds: float
+    overhead_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.verify_seconds:
+            raise ValueError("CostModel: verify_seconds must have at least one measurement")
+        if any(n < 1 or s <= 0 for n, s in self.verify_seconds.items()):
+            raise ValueError("CostModel: verify_seconds needs keys n >= 1 and values > 0, "
+                             f"got {self.verify_seconds}")
+        if self.draft_step_seconds < 0:
+            raise ValueError("CostModel: draft_step_seconds must be >= 0, "
+                             f"got {self.draft_step_seconds}")
+        if self.overhead_seconds < 0:
+            raise ValueError("CostModel: overhead_seconds must be >= 0, "
+                             f"got {self.overhead_seconds}")
+
+    def verify(self, num_tokens: int) -> float:
+        """Interpolated target cost of a step that scores ``num_tokens`` tokens per row."""
+        ns = sorted(self.verify_seconds)
+        secs = [self.verify_seconds[n] for n in ns]
+        if num_tokens <= ns[-1] or len(ns) == 1:
+            return float(np.interp(num_tokens, ns, secs))  # flat outside [ns[0], ns[-1]]
+        slope = max(0.0, (secs[-1] - secs[-2]) / (ns[-1] - ns[-2]))
+        return secs[-1] + slope * (num_tokens - ns[-1])
+
+    def step_seconds(self, num_draft: int) -> float:
+        """Seconds of one step that drafts ``num_draft >= 0`` tokens per row and verifies them."""
+        if num_draft < 0:
+            raise ValueError(f"CostModel.step_seconds: num_draft must be >= 0, got {num_draft}")
+        return (num_draft * self.draft_step_seconds + self.verify(num_draft + 1)
+                + self.overhead_seconds)
+
+
+def expected_tokens(acceptance: Sequence[float] | np.ndarray, num_draft: int) -> float:
+    """Expected tokens one step emits per row: ``1 + sum_{j<=num_draft} prod_{i<=j} a_i``.
+
+    Args:
+        acceptance: Shape ``(>= num_draft,)``, float in ``[0, 1]``: conditional acceptance
+            ``a_1, a_2, ...`` of draft positions ``1, 2, ...``.
+        num_draft: The draft length ``g >= 0``.
+
+    >>> expected_tokens([1.0, 0.5], 2)
+    2.5
+    """
+    a = np.asarray(acceptance, dtype=np.float64)[:num_draft]
+    return 1.0 + float(np.cumprod(a).sum())
+
+
+class DraftLengthController:
+    """Chooses each step's draft length from online acceptance estimates and a cost model.
+
+    Estimates: per position ``i``, discounted counts of rows that *tried* it (accepted all of
+    positions ``< i``) and rows that *accepted* it; every :meth:`update` first multiplies all
+    counts by ``decay``, so data ``k`` updates old weighs ``decay**k`` and the controller
+    follows a change of regime. A Beta-like prior adds ``prior_weight`` pseudo-tries at rate
+    ``prior_acceptance``, so ``a_i = (accepted_i + w p) / (tried_i + w)``: unseen positions start
+    at ``p``, and positions no longer tried drift back to it as their counts decay.
+
+    Probing: choosing 0 (plain decoding) yields no acceptance data, so an estimate that once
+    fell below break-even would never recover. While 0 is the best choice, every
+    ``probe_every``-th consecutive call of :meth:`choose` returns the smallest candidate
+    ``> 0`` instead (the cheapest draft that still measures ``a_1``); its :meth:`update` then
+    refreshes the estimate. Call :meth:`choose` once per step.
+
+    Args:
+        cost: The :class:`CostModel`; :meth:`set_cost` replaces it (e.g. after re-measuring).
+        max_draft: The longest draft, ``>= 0``.
+        candidates: The lengths :meth:`choose` picks from, each in ``0..max_draft``; ``None`` =
+            all of ``0..max_draft``.
+        prior_acceptance: ``p`` in ``[0, 1]``.
+        prior_weight: ``w > 0``, in rows.
+        decay: In ``(0, 1]``; 1 never forgets.
+        probe_every: ``>= 1``; see Probing.
+
+    Attributes:
+        chosen_lengths: ``{length: times chosen}``, probes included.
+        num_probes: How many choices were probes.
+    """
+
+    def __init__(self, cost: CostModel, max_draft: int, *, candidates: Sequence[int] | None = None,
+                 prior_acceptance: float = 0.7, prior_weight: float = 4.0, decay: float = 0.98,
+                 probe_every: int = 16):
+        name = "DraftLengthController"
+        if max_draft < 0:
+            raise ValueError(f"{name}: max_draft must be >= 0, got {max_draft}")
+        candidates = list(range(max_draft + 1)) if candidates is None else sorted(set(candidates))
+        if not candidates or candidates[0] < 0 or candidates[-1] > max_draft:
+            raise ValueError(f"{name}: candidates must be a non-empty subset of 0..{max_draft}, "
+                             f"got {candidates}")
+        if not 0.0 <= prior_acceptance <= 1.0:
+            raise ValueError(f"{name}: prior_acceptance must be in [0, 1], got {prior_acceptance}")
+        if not prior_weight > 0:
+            raise ValueError(f"{name}: prior_weight must be > 0, got {prior_weight}")
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"{name}: decay must be in (0, 1], got {decay}")
+        if probe_every < 1:
+            raise ValueError(f"{name}: probe_every must be >= 1, got {probe_every}")
+        self.cost = cost
+        self.max_draft = max_draft
+        self.candidates = candidates
+        self.prior_acceptance = prior_acceptance
+        self.prior_weight = prior_weight
+        self.decay = decay
+        self.probe_every = probe_every
+        self._tried = np.zeros(max_draft)
+        self._accepted = np.zeros(max_draft)
+        self._zero_run = 0  # consecutive choose() calls where 0 was best
+        self.chosen_lengths: Counter[int] = Counter()
+        self.num_probes = 0
+
+    def set_cost(self, cost: CostModel) -> None:
+        self.cost = cost
+
+    def acceptance(self) -> np.ndarray:
+        """Shape ``(max_draft,)``, float64: current estimates of ``a_1..a_max_draft``."""
+        w, p = self.prior_weight, self.prior_acceptance
+        return (self._accepted + w * p) / (self._tried + w)
+
+    def _check_num_draft(self, op: str, num_draft: int) -> None:
+        if not 0 <= num_draft <= self.max_draft:
+            raise ValueError(f"DraftLengthController.{op}: num_draft must be in "
+                             f"0..{self.max_draft}, got {num_draft}")
+
+    def expected_tokens(self, num_draft: int) -> float:
+        """Expected tokens per row of one step drafting ``num_draft`` tokens (module formula)."""
+        self._check_num_draft("expected_tokens", num_draft)
+        return expected_tokens(self.acceptance(), num_draft)
+
+    def expected_rate(self, num_draft: int) -> float:
+        """Expected tokens per second per row when drafting ``num_draft`` tokens."""
+        return self.expected_tokens(num_draft) / self.cost.step_seconds(num_draft)
+
+    def choose(self) -> int:
+        """The draft length for the next step: the best candidate, or a probe (class docstring).
+
+        Ties go to the shorter length, which costs less if the estimates are off.
+        """
+        rates = [self.expected_rate(g) for g in self.candidates]
+        choice = self.candidates[int(np.argmax(rates))]  # argmax takes the first maximum
+        positive = [g for g in self.candidates if g > 0]
+        if choice != 0 or not positive:
+            self._zero_run = 0
+        else:
+            self._zero_run += 1
+            if self._zero_run == self.probe_every:
+                self._zero_run = 0
+                self.num_probes += 1
+                choice = positive[0]
+        self.chosen_lengths[choice] += 1
+        return choice
+
+    def update(self, num_draft: int, num_accepted: Sequence[int] | np.ndarray) -> None:
+        """Record one step: ``num_accepted[b]`` of the ``num_draft`` drafted tokens of row ``b``.
+
+        Position ``i`` (1-based) is tried by rows with ``num_accepted >= i - 1`` and accepted by
+        rows with ``num_accepted >= i``. A step with ``num_draft == 0`` or no rows carries no
+        data and changes nothing (not even the decay).
+
+        Args:
+            num_draft: The draft length of the step, in ``0..max_draft``.
+            num_accepted: Shape ``(batch_size,)``, integers in ``0..num_draft``: the accepted
+                draft tokens per row (rows that drafted). A list, numpy array or CPU tensor.
+        """
+        self._check_num_draft("update", num_draft)
+        counts = np.asarray(num_accepted)
+        if counts.ndim != 1:
+            raise ValueError("DraftLengthController.update: num_accepted must be 1-D, "
+                             f"got shape {counts.shape}")
+        if counts.size and not np.issubdtype(counts.dtype, np.integer):
+            raise TypeError("DraftLengthController.update: num_accepted must be integers, "
+                            f"got {counts.dtype}")
+        if counts.size and (counts.min() < 0 or counts.max() > num_draft):
+            raise ValueError(f"DraftLengthController.update: num_accepted must be in "
+                             f"0..num_draft ({num_draft}), got {counts.tolist()}")
+        if num_draft == 0 or counts.size == 0:
+            return
+        # at_least[k] = rows that accepted >= k tokens, k = 0..num_draft
+        at_least = np.cumsum(np.bincount(counts, minlength=num_draft + 1)[::-1])[::-1]
+        self._tried *= self.decay
+        self._accepted *= self.decay
+        self._tried[:num_draft] += at_least[:-1]
+        self._accepted[:num_draft] += at_least[1:]

@@ -1,0 +1,218 @@
+"""Draft-length controller on given cost models (no timing): formula, choices, probing, decay."""
+
+import math
+
+import numpy as np
+import pytest
+
+from specops.controller import CostModel, DraftLengthController, expected_tokens
+
+BATCH = 4
+# Memory-bound verification: scoring 9 tokens per row costs little more than scoring one; a
+# draft step costs a tenth of a verify step.
+DRAFT = CostModel({1: 1.0, 9: 1.1}, draft_step_seconds=0.1)
+# a_1 where drafting 1 token pays as well as plain decoding: (1 + a_1) / (1 + 0.1 + 0.0125) = 1
+BREAK_EVEN = 0.1125
+
+
+def run(ctrl: DraftLengthController, steps: int, accepts) -> list[int]:
+    """Choose and update ``steps`` times; ``accepts(g)`` gives the rows' accepted counts."""
+    chosen = []
+    for _ in range(steps):
+        g = ctrl.choose()
+        ctrl.update(g, accepts(g))
+        chosen.append(g)
+    return chosen
+
+
+def always(g):
+    return [g] * BATCH
+
+
+def never(g):
+    return [0] * BATCH
+
+
+@pytest.mark.parametrize("acceptance, num_draft, expected", [
+    ([1.0, 0.5], 2, 2.5),           # 1 + 1 + 1 * 0.5
+    ([1.0, 0.5], 1, 2.0),
+    ([1.0, 0.5], 0, 1.0),           # plain decoding
+    ([0.5, 0.5, 0.5], 3, 1.875),    # 1 + .5 + .25 + .125
+    ([0.0, 1.0, 1.0], 3, 1.0),      # nothing after a certain rejection counts
+    ([0.8, 0.5, 0.25], 3, 2.3),     # 1 + .8 + .4 + .1
+])
+def test_expected_tokens_formula(acceptance, num_draft, expected):
+    assert expected_tokens(acceptance, num_draft) == pytest.approx(expected)
+
+
+def test_update_counts_tried_and_accepted_per_position():
+    # no decay, a tiny prior: the estimates are the plain ratios
+    ctrl = DraftLengthController(DRAFT, 3, prior_weight=1e-9, decay=1.0)
+    # rows accept 0, 1, 3, 3 of 3: position 1 tried by 4, accepted by 3; position 2 tried by 3,
+    # accepted by 2; position 3 tried by 2, accepted by 2
+    ctrl.update(3, np.array([0, 1, 3, 3]))
+    np.testing.assert_allclose(ctrl.acceptance(), [3 / 4, 2 / 3, 2 / 2])
+    assert ctrl.expected_tokens(3) == pytest.approx(1 + 3 / 4 + 1 / 2 + 1 / 2)
+    # a shorter step leaves positions past it alone
+    ctrl.update(1, [0, 0, 0, 0])
+    np.testing.assert_allclose(ctrl.acceptance(), [3 / 8, 2 / 3, 1.0])
+    # a step that drafted nothing, or has no rows, carries no data
+    ctrl.update(0, [0, 0])
+    ctrl.update(2, [])
+    np.testing.assert_allclose(ctrl.acceptance(), [3 / 8, 2 / 3, 1.0])
+    # ... so it does not decay the counts either (decay counts observations, not steps)
+    forgetful = DraftLengthController(DRAFT, 1, prior_weight=1.0, prior_acceptance=0.0,
+                                      decay=0.5)
+    forgetful.update(1, [1])
+    assert forgetful.acceptance()[0] == pytest.approx(1 / 2)
+    forgetful.update(0, [0])
+    assert forgetful.acceptance()[0] == pytest.approx(1 / 2)
+    forgetful.update(1, [1])  # (0.5 + 1) / (0.5 + 1 + 1)
+    assert forgetful.acceptance()[0] == pytest.approx(1.5 / 2.5)
+
+
+def test_unseen_positions_start_at_the_prior():
+    ctrl = DraftLengthController(DRAFT, 4, prior_acceptance=0.6)
+    np.testing.assert_allclose(ctrl.acceptance(), [0.6] * 4)
+    assert ctrl.expected_rate(2) == pytest.approx((1 + 0.6 + 0.36) / (2 * 0.1 + 1.025))
+
+
+def test_always_accepting_cheap_draft_chooses_the_longest():
+    ctrl = DraftLengthController(DRAFT, 8)
+    chosen = run(ctrl, 50, always)
+    assert chosen[-10:] == [8] * 10
+    assert ctrl.acceptance().min() > 0.95
+
+
+def test_never_accepting_falls_back_to_plain_decoding_and_probes_on_schedule():
+    probe_every = 5
+    ctrl = DraftLengthController(DRAFT, 8, probe_every=probe_every)
+    chosen = run(ctrl, 10, never)
+    assert chosen[-1] == 0 and chosen[0] > 0
+    first_zero = chosen.index(0)
+    assert first_zero <= 8  # a_1 starts at the prior 0.7
+    # from the first 0 on: probe_every - 1 plain steps, then a probe of the shortest length
+    chosen += run(ctrl, 40, never)
+    period = [0] * (probe_every - 1) + [1]
+    tail = chosen[first_zero:first_zero + 40]
+    assert tail == period * 8
+    assert ctrl.num_probes == chosen.count(1) - chosen[:first_zero].count(1)
+    assert sum(ctrl.chosen_lengths.values()) == len(chosen)
+    assert ctrl.chosen_lengths[0] == chosen.count(0)
+
+
+def test_probe_is_the_smallest_positive_candidate():
+    ctrl = DraftLengthController(DRAFT, 8, candidates=[0, 3, 6], probe_every=2)
+    chosen = run(ctrl, 40, never)
+    assert set(chosen) <= {0, 3, 6}
+    assert chosen[-4:] == [0, 3, 0, 3]
+
+
+def test_no_positive_candidate_means_no_probe():
+    ctrl = DraftLengthController(DRAFT, 0, probe_every=1)
+    assert run(ctrl, 5, never) == [0] * 5
+    assert ctrl.num_probes == 0
+
+
+def test_expensive_draft_with_moderate_acceptance_chooses_plain_decoding():
+    # a draft step costs as much as a verify step: no acceptance below 1 pays for it
+    cost = CostModel({1: 1.0, 9: 1.0}, draft_step_seconds=1.0)
+    ctrl = DraftLengthController(cost, 8, decay=1.0)
+    for _ in range(20):  # conditional acceptance about 0.6 at positions 1..4 (60/100, 36/60, ...)
+        ctrl.update(4, [0] * 40 + [1] * 24 + [2] * 14 + [3] * 9 + [4] * 13)
+    assert ctrl.acceptance()[0] == pytest.approx(0.6, abs=0.01)
+    assert ctrl.choose() == 0
+    # the same acceptance with a free draft is worth drafting
+    ctrl.set_cost(CostModel({1: 1.0, 9: 1.0}, draft_step_seconds=0.0))
+    assert ctrl.choose() > 0
+
+
+@pytest.mark.parametrize("decay", [0.98, 0.9])
+def test_follows_a_regime_change_at_the_rate_decay_sets(decay):
+    ctrl = DraftLengthController(DRAFT, 8, decay=decay, probe_every=4)
+    assert run(ctrl, 300, always)[-1] == 8
+    # Position 1 is tried by every row, so after 300 always-accepting steps it holds about
+    # S = BATCH / (1 - decay) tries, all accepted, and after k never-accepting steps
+    # a_1 = (S decay**k + w p) / (S + w). Drafting stops paying when (1 + a_1) / step_seconds(1)
+    # falls below 1 / step_seconds(0), i.e. at a_1 = 0.1125 with this cost model.
+    s, w, p = BATCH / (1 - decay), ctrl.prior_weight, ctrl.prior_acceptance
+    switch = math.log((BREAK_EVEN * (s + w) - w * p) / s) / math.log(decay)
+    chosen = run(ctrl, 200, never)
+    assert abs(chosen.index(0) - switch) <= 1, (chosen.index(0), switch)
+    # and the probes find out when acceptance comes back
+    assert run(ctrl, 60, always)[-10:] == [8] * 10
+
+
+def test_without_decay_old_data_is_never_forgotten():
+    # the control for the test above: with decay 0.98 plain decoding starts after 114 steps
+    ctrl = DraftLengthController(DRAFT, 8, decay=1.0)
+    run(ctrl, 300, always)
+    assert 0 not in run(ctrl, 200, never)
+
+
+@pytest.mark.parametrize("num_tokens, seconds", [
+    (1, 1.0), (2, 1.5), (3, 2.0),   # measured at 1 and 3: linear between
+    (4, 2.25), (5, 2.5),            # measured at 5
+    (7, 3.0), (9, 3.5),             # above: the line through the last two, (3, 2.0), (5, 2.5)
+])
+def test_verify_seconds_interpolation(num_tokens, seconds):
+    cost = CostModel({1: 1.0, 3: 2.0, 5: 2.5}, draft_step_seconds=0.0)
+    assert cost.verify(num_tokens) == pytest.approx(seconds)
+
+
+def test_verify_seconds_edges_and_step_seconds():
+    cost = CostModel({2: 1.0, 4: 2.0}, draft_step_seconds=0.25, overhead_seconds=0.1)
+    assert cost.verify(1) == 1.0  # below the smallest measurement: flat
+    assert cost.verify(6) == pytest.approx(3.0)
+    assert cost.step_seconds(0) == pytest.approx(1.0 + 0.1)
+    assert cost.step_seconds(2) == pytest.approx(2 * 0.25 + 1.5 + 0.1)
+    assert CostModel({1: 2.0}, 0.0).verify(7) == 2.0  # one measurement: flat
+    # a noisy decrease at the end is not extrapolated into ever cheaper steps
+    assert CostModel({1: 1.0, 2: 0.9}, 0.0).verify(10) == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(max_draft=-1), "max_draft"),
+    (dict(decay=0.0), "decay"),
+    (dict(decay=1.5), "decay"),
+    (dict(candidates=[0, 9]), "candidates"),
+    (dict(candidates=[]), "candidates"),
+    (dict(prior_acceptance=1.2), "prior_acceptance"),
+    (dict(prior_weight=0.0), "prior_weight"),
+    (dict(probe_every=0), "probe_every"),
+])
+def test_bad_controller_arguments(kwargs, name):
+    kwargs = dict(dict(cost=DRAFT, max_draft=4), **kwargs)
+    with pytest.raises(ValueError, match=name):
+        DraftLengthController(**kwargs)
+
+
+def test_bad_update_arguments():
+    ctrl = DraftLengthController(DRAFT, 4)
+    with pytest.raises(ValueError, match="num_accepted"):
+        ctrl.update(2, [0, 3])
+    with pytest.raises(ValueError, match="num_accepted"):
+        ctrl.update(2, [-1])
+    with pytest.raises(ValueError, match="num_accepted"):
+        ctrl.update(2, [[0, 1]])
+    with pytest.raises(TypeError, match="num_accepted"):
+        ctrl.update(2, [0.5])
+    with pytest.raises(ValueError, match="num_draft"):
+        ctrl.update(5, [0])
+    with pytest.raises(ValueError, match="num_draft"):
+        ctrl.expected_tokens(-1)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(verify_seconds={}), "verify_seconds"),
+    (dict(verify_seconds={0: 1.0}), "verify_seconds"),
+    (dict(verify_seconds={1: 0.0}), "verify_seconds"),
+    (dict(draft_step_seconds=-1.0), "draft_step_seconds"),
+    (dict(overhead_seconds=-1.0), "overhead_seconds"),
+])
+def test_bad_cost_arguments(kwargs, name):
+    kwargs = dict(dict(verify_seconds={1: 1.0}, draft_step_seconds=0.0), **kwargs)
+    with pytest.raises(ValueError, match=name):
+        CostModel(**kwargs)
+    with pytest.raises(ValueError, match="num_draft"):
+        CostModel({1: 1.0}, 0.0).step_seconds(-1)
