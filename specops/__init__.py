@@ -46,7 +46,20 @@ __all__ = ["chain_verify", "chain_verify_greedy", "sampling_probs", "set_backend
            "use_backend", "set_checks", "get_checks", "reference", "tree_metadata",
            "tree_verify", "tree_verify_greedy", "tree_children", "tree_paths", "pack_tree_mask",
            "unpack_tree_mask", "chain_parents", "tree_from_choices", "tokens_from_topk",
-           "grow_tree", "kv_commit", "kv_write", "tree_attention", "hf"]
+           "grow_tree", "kv_commit", "kv_write", "tree_attention", "hf", "generate",
+           "SpeculativeGenerator", "GenerationOutput", "DynamicTree", "Hybrid", "PromptLookup"]
+
+# The decoding loop is imported on first use: it pulls in transformers' model classes, which
+# users of the ops alone need not load.
+_LOOP_NAMES = {"generate", "SpeculativeGenerator", "GenerationOutput", "DynamicTree", "Hybrid",
+               "PromptLookup"}
+
+
+def __getattr__(name: str):
+    if name in _LOOP_NAMES:
+        from . import loop as loop_module
+        return getattr(loop_module, name)
+    raise AttributeError(f"module 'specops' has no attribute {name!r}")
 
 if _C is None:
     set_backend("reference")

@@ -1,0 +1,554 @@
+"""The decoding loop (contract, "Decoding loop"): ``specops.generate`` and the reusable
+:class:`SpeculativeGenerator`.
+
+One *step* per iteration: the drafter proposes a chain (or a tree) after each row's *root*,
+the last committed token; the target scores the root and the proposals in one forward pass;
+the specops verify op keeps exactly the target's distribution; the caches roll back what was
+rejected. The target runs through specops' own forward (:mod:`specops.models`) with a static
+KV cache indexed by position: rolling back a chain is just a length, a tree commits its
+accepted path with :func:`specops.kv_commit`.
+
+Rows are compacted on entry: ``attention_mask`` (left or right padding) picks each row's
+tokens, which then sit at slots ``0..len-1`` of their cache row, so pads are never attended
+and position equals slot. The loop reads each step's emitted tokens back to the host once
+(to stop on EOS, stop strings and ``max_new_tokens``, to stream, and for prompt lookup);
+everything inside a step is sync-free device work.
+"""
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .controller import CostModel, DraftLengthController
+from .draft_model import DraftRunner, fit_vocab
+from .kv_ops import kv_commit
+from .models import SpecopsCausalLM, causal_lm
+from .prompt_lookup import PromptLookup
+from .reference.draw import draw, sanitize
+from .reference.random import uniform
+from .stats import GenerationStats, PhaseClock
+from .tree_ops import tree_metadata, tree_verify, tree_verify_greedy
+
+# Philox purpose of the draft model's own draws. Purposes 0 and 1 belong to the verify ops
+# (contract); a third purpose keeps the draft's randomness independent of theirs.
+PURPOSE_DRAFT = 2
+
+# Options Hugging Face's generate has and this loop does not: refused, never ignored.
+UNSUPPORTED = ("logprobs", "output_scores", "output_logits", "return_dict_in_generate",
+               "repetition_penalty", "no_repeat_ngram_size", "num_beams", "num_return_sequences",
+               "do_sample", "min_new_tokens", "min_length", "length_penalty", "bad_words_ids",
+               "logits_processor", "stopping_criteria", "typical_p", "min_p",
+               "presence_penalty", "frequency_penalty", "guidance_scale")
+
+
+@dataclass(frozen=True)
+class DynamicTree:
+    """EAGLE-2 dynamic draft trees (:func:`specops.grow_tree`): ``depth`` rounds of expansion
+    by the draft model's ``top_k``, keeping the ``num_nodes`` best nodes (root included).
+    Children are deterministic (top-k), verified with ``draft_probs=None``: lossless at any
+    temperature."""
+
+    depth: int = 4
+    top_k: int = 4
+    num_nodes: int = 16
+
+    def __post_init__(self):
+        if self.depth < 1 or self.top_k < 1:
+            raise ValueError(f"DynamicTree: depth and top_k must be >= 1, got {self}")
+        pool = 1 + self.top_k + (self.depth - 1) * self.top_k ** 2
+        if not 2 <= self.num_nodes <= pool:
+            raise ValueError(f"DynamicTree: num_nodes must be in 2..{pool} (the pool of "
+                             f"depth={self.depth}, top_k={self.top_k}), got {self.num_nodes}")
+
+
+class Hybrid:
+    """Prompt lookup where it finds a match, the draft model elsewhere.
+
+    A step whose rows all have a lookup match skips the draft model; otherwise rows with a
+    match use the lookup's tokens and the others the draft model's.
+    """
+
+    def __init__(self, draft_model: torch.nn.Module, lookup: PromptLookup | None = None,
+                 min_match: int = 2):
+        self.draft_model = draft_model
+        self.lookup = lookup or PromptLookup()
+        self.min_match = min_match
+
+
+@dataclass
+class GenerationOutput:
+    """``sequences``: Shape ``(batch_size, prompt + max new)``, int64: ``input_ids`` as given,
+    then each row's new tokens, then ``pad_token_id`` after the row's end (as Hugging Face's
+    ``generate`` returns them for left padding). ``num_new_tokens``: new tokens per row."""
+
+    sequences: Tensor
+    num_new_tokens: list[int]
+    stats: GenerationStats
+
+
+def _special_ids(config) -> tuple:
+    return tuple(getattr(config, name, None) for name in ("bos_token_id", "eos_token_id"))
+
+
+class SpeculativeGenerator:
+    """Speculative generation with a Hugging Face causal LM as target, reusable across calls
+    (the warm-up cost measurement and the controller's acceptance estimates carry over).
+
+    Args:
+        target: a transformers ``LlamaForCausalLM``, ``Qwen2ForCausalLM`` or
+            ``MistralForCausalLM`` (any dtype; ``model.eval()``).
+        draft: None (plain decoding in the specops loop), a transformers causal LM sharing
+            the target's tokenizer, a :class:`PromptLookup` or a :class:`Hybrid`.
+        num_draft_tokens: draft length per step; None = chosen per step by the cost-aware
+            :class:`specops.controller.DraftLengthController` in ``0..max_draft_tokens``.
+        tree: None (chains) or a :class:`DynamicTree` (needs a draft model).
+        temperature, top_k, top_p: as Hugging Face's warpers; ``temperature=0`` is greedy.
+        seed: row ``b`` uses seed ``seed + b`` (Philox, contract "randomness").
+        eos_token_id: an id or a list of ids ending a row (default: the target's config).
+        stop_strings: strings ending a row once its new text contains one (needs
+            ``tokenizer``); the token completing it is kept.
+        tokenizer, draft_tokenizer: when both are given, their vocabularies must match.
+        pad_token_id: fills ``sequences`` after a row's end.
+    """
+
+    def __init__(self, target: torch.nn.Module, draft=None, *, num_draft_tokens: int | None = None,
+                 max_draft_tokens: int = 8, tree: DynamicTree | None = None,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 eos_token_id: int | Sequence[int] | None = None,
+                 stop_strings: Sequence[str] | None = None, tokenizer=None, draft_tokenizer=None,
+                 pad_token_id: int | None = None):
+        self.target = causal_lm(target)
+        self.lookup: PromptLookup | None = None
+        self.draft: SpecopsCausalLM | None = None
+        self.min_match = 1
+        if isinstance(draft, Hybrid):
+            self.lookup, self.min_match = draft.lookup, draft.min_match
+            draft = draft.draft_model
+        if isinstance(draft, PromptLookup):
+            self.lookup, draft = draft, None
+        if draft is not None:
+            self.draft = self._check_draft(target, draft, tokenizer, draft_tokenizer)
+        if tree is not None and not isinstance(tree, DynamicTree):
+            raise TypeError(f"tree must be None or specops.DynamicTree, got {type(tree).__name__}")
+        if tree is not None and (self.draft is None or self.lookup is not None):
+            raise ValueError("tree mode needs a draft model (not prompt lookup or hybrid)")
+        if temperature < 0 or temperature != temperature or temperature == float("inf"):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+        if int(top_k) != top_k or top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {top_k}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if max_draft_tokens < 0:
+            raise ValueError(f"max_draft_tokens must be >= 0, got {max_draft_tokens}")
+        if num_draft_tokens is not None and not 0 <= num_draft_tokens <= 64:
+            raise ValueError(f"num_draft_tokens must be None or in 0..64, got {num_draft_tokens}")
+        if stop_strings and tokenizer is None:
+            raise ValueError("stop_strings need the tokenizer (tokenizer=...)")
+        self.tree = tree
+        self.num_draft_tokens = num_draft_tokens
+        self.max_draft_tokens = (num_draft_tokens if num_draft_tokens is not None
+                                 else max_draft_tokens)
+        self.temperature, self.top_k, self.top_p = float(temperature), int(top_k), float(top_p)
+        self.seed = int(seed)
+        config = target.config
+        eos = eos_token_id if eos_token_id is not None else config.eos_token_id
+        self.eos = set([eos] if isinstance(eos, int) else (eos or []))
+        self.stop_strings = list(stop_strings or [])
+        self.tokenizer = tokenizer
+        if pad_token_id is None:
+            pad_token_id = getattr(config, "pad_token_id", None)
+        self.pad_token_id = pad_token_id if pad_token_id is not None else min(self.eos, default=0)
+        self.controller: DraftLengthController | None = None
+        self.cost: CostModel | None = None
+
+    @staticmethod
+    def _check_draft(target, draft, tokenizer, draft_tokenizer) -> SpecopsCausalLM:
+        advice = ("pick a draft of the same model family (same tokenizer), or use "
+                  "specops.PromptLookup(), which needs no model")
+        if tokenizer is not None and draft_tokenizer is not None:
+            if tokenizer.get_vocab() != draft_tokenizer.get_vocab():
+                raise ValueError(f"the draft's tokenizer differs from the target's: {advice}")
+        if _special_ids(target.config) != _special_ids(draft.config):
+            raise ValueError(f"the draft's special tokens (bos, eos) = "
+                             f"{_special_ids(draft.config)} differ from the target's "
+                             f"{_special_ids(target.config)}, so their tokenizers differ: "
+                             f"{advice}")
+        target_device = next(target.parameters()).device
+        draft_device = next(draft.parameters()).device
+        if target_device != draft_device:
+            raise ValueError(f"the draft model is on {draft_device} and the target on "
+                             f"{target_device}: move both to one device")
+        return causal_lm(draft)
+
+    # ----------------------------------------------------------------------------- entry
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+                 max_new_tokens: int, streamer: Callable[[list[list[int]]], None] | None = None,
+                 **unsupported) -> GenerationOutput:
+        """Generates up to ``max_new_tokens`` per row; see :func:`specops.generate`."""
+        _refuse(unsupported)
+        rows = self._rows(input_ids, attention_mask)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        limit = getattr(self.target.config, "max_position_embeddings", None)
+        longest = max(len(r) for r in rows)
+        if limit is not None and longest + max_new_tokens > limit:
+            raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
+                             f"exceeds the target's max_position_embeddings ({limit})")
+        run = _Run(self, rows, max_new_tokens, streamer)
+        run.loop()
+        return run.output(input_ids)
+
+    def _rows(self, input_ids: Tensor, attention_mask: Tensor | None) -> list[list[int]]:
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
+                torch.int64, torch.int32):
+            raise TypeError("input_ids must be a 2-D int64 tensor (batch_size, prompt_len)")
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                             f"input_ids {tuple(input_ids.shape)}")
+        ids = input_ids.tolist()
+        keep = (attention_mask.bool().tolist() if attention_mask is not None
+                else [[True] * len(r) for r in ids])
+        rows = [[t for t, k in zip(r, m) if k] for r, m in zip(ids, keep)]
+        vocab = self.target.vocab_size
+        for b, row in enumerate(rows):
+            if not row:
+                raise ValueError(f"row {b} of input_ids has no token (attention_mask all 0)")
+            if min(row) < 0 or max(row) >= vocab:
+                raise ValueError(f"row {b} of input_ids holds a token id outside 0..{vocab - 1}")
+        return rows
+
+
+def _refuse(unsupported: dict) -> None:
+    if unsupported:
+        names = ", ".join(sorted(unsupported))
+        known = [n for n in unsupported if n in UNSUPPORTED]
+        why = "not supported by the specops loop" if known else "unknown"
+        raise TypeError(f"generate: {why}: {names}")
+
+
+class _Run:
+    """The state of one ``generate`` call."""
+
+    def __init__(self, gen: SpeculativeGenerator, rows: list[list[int]], max_new_tokens: int,
+                 streamer):
+        self.gen, self.rows, self.streamer = gen, rows, streamer
+        self.batch = len(rows)
+        self.prompt_lens = [len(r) for r in rows]
+        self.budget = max_new_tokens
+        self.done = [max_new_tokens == 0] * self.batch
+        self.device = gen.target.device
+        tree = gen.tree
+        lookahead = (tree.num_nodes if tree else gen.max_draft_tokens + 1) + 1
+        self.capacity = max(self.prompt_lens) + max_new_tokens + lookahead
+        self.cache = gen.target.new_cache(self.batch, self.capacity)
+        self.draft = (DraftRunner(gen.draft, self.batch, self.capacity, gen.target.vocab_size)
+                      if gen.draft is not None else None)
+        self.seeds = gen.seed + torch.arange(self.batch, dtype=torch.int64, device=self.device)
+        self.stats = GenerationStats()
+        self.clock = PhaseClock(self.device)
+        self.greedy = gen.temperature == 0
+
+    # ------------------------------------------------------------------------- helpers
+    def _lens(self, values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.int32, device=self.device)
+
+    def _warp(self, logits: Tensor) -> Tensor:
+        gen = self.gen
+        return ops.sampling_probs(logits, gen.temperature, gen.top_k, gen.top_p)
+
+    def _pick_draft(self, logits: Tensor, slot: int) -> tuple[Tensor, Tensor | None]:
+        """Draft token for chain slot ``slot``: the argmax when greedy, else a Philox draw
+        from the warped draft distribution (its probabilities go to the verify op)."""
+        if self.greedy:
+            return logits.argmax(-1), None
+        probs = self._warp(logits)
+        positions = self._lens(self.root_lens).long() + slot   # root position + 1 + slot
+        u = uniform(self.seeds, positions, 0, PURPOSE_DRAFT)
+        return draw(sanitize(probs), u), probs
+
+    # ------------------------------------------------------------------------- loop
+    def loop(self) -> None:
+        gen = self.gen
+        self.clock.switch("prefill")
+        self._prefill()
+        self.clock.switch("overhead")
+        if gen.num_draft_tokens is None and gen.tree is None and (self.draft or gen.lookup):
+            self._setup_controller()
+        while not all(self.done):
+            self.root_lens = [len(r) for r in self.rows]
+            num_draft = self._choose_length()
+            if gen.tree is not None:
+                emitted = self._tree_step()
+            else:
+                emitted = self._chain_step(num_draft)
+            self.clock.switch("overhead")
+            self._emit(emitted)
+        self.clock.switch(None)
+        totals = self.clock.totals()
+        stats = self.stats
+        stats.prefill_seconds = totals.get("prefill", 0.0)
+        stats.draft_seconds = totals.get("draft", 0.0)
+        stats.verify_seconds = totals.get("verify", 0.0)
+        stats.overhead_seconds = totals.get("overhead", 0.0)
+        stats.total_seconds = sum(totals.values())
+
+    def _prefill(self) -> None:
+        width = max(self.prompt_lens) - 1
+        if width > 0:
+            tokens = torch.zeros(self.batch, width, dtype=torch.int64)
+            for b, row in enumerate(self.rows):
+                tokens[b, :len(row) - 1] = torch.tensor(row[:-1])
+            zeros = self._lens([0] * self.batch)
+            positions = torch.arange(width, device=self.device).expand(self.batch, -1)
+            self.gen.target(tokens.to(self.device), self.cache, zeros, positions,
+                            logits_index=torch.zeros(self.batch, 1, dtype=torch.int64,
+                                                     device=self.device), prefill=True)
+        if self.draft is not None:
+            self.draft.prefill(self.rows)
+
+    def _remaining(self, b: int) -> int:
+        return self.budget - (len(self.rows[b]) - self.prompt_lens[b])
+
+    def _choose_length(self) -> int:
+        gen = self.gen
+        if gen.tree is not None or (self.draft is None and gen.lookup is None):
+            length = 0
+        elif self.controller is not None:
+            length = self.controller.choose()
+        else:
+            length = gen.num_draft_tokens if gen.num_draft_tokens is not None else 0
+        # drafting past every active row's budget only wastes work
+        room = max(self._remaining(b) for b in range(self.batch) if not self.done[b]) - 1
+        return max(0, min(length, room))
+
+    controller: DraftLengthController | None = None
+
+    def _setup_controller(self) -> None:
+        """Cost model from a short warm-up (the target's forward for 1 and for
+        ``max_draft + 1`` tokens, one draft step), refined online from every step's timing;
+        the controller itself persists on the generator, acceptance estimates included."""
+        gen = self.gen
+        if gen.cost is None:
+            lens = self._lens([len(r) - 1 for r in self.rows])
+            verify = {}
+            for n in sorted({1, gen.max_draft_tokens + 1}):
+                verify[n] = min(self._time(lambda: self._target_forward_dummy(lens, n))
+                                for _ in range(2))
+            draft_cost = 0.0
+            if self.draft is not None:
+                dlens = self._lens(self.draft.cached)
+                token = torch.zeros(self.batch, 1, dtype=torch.int64, device=self.device)
+                draft_cost = min(self._time(lambda: gen.draft(
+                    token, self.draft.cache, dlens, dlens.long()[:, None])) for _ in range(2))
+            gen.cost = CostModel(verify_seconds=verify, draft_step_seconds=draft_cost)
+            gen.controller = DraftLengthController(gen.cost, gen.max_draft_tokens)
+        self.controller = gen.controller
+
+    def _target_forward_dummy(self, lens: Tensor, n: int) -> None:
+        # Writes junk past each row's length (never attended, overwritten by the next step).
+        tokens = torch.zeros(self.batch, n, dtype=torch.int64, device=self.device)
+        positions = lens.long()[:, None] + torch.arange(n, device=self.device)
+        self.gen.target(tokens, self.cache, lens, positions)
+
+    def _time(self, fn) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    # ------------------------------------------------------------------------- chain step
+    def _propose(self, num_draft: int) -> tuple[Tensor, Tensor | None, list[int], list[bool]]:
+        """Draft tokens ``(B, num_draft)``, their probabilities (None: deterministic), each
+        row's draft length, and which rows took the draft model's tokens (none when the
+        model did not run)."""
+        gen, batch = self.gen, self.batch
+        if num_draft == 0:
+            return (torch.zeros(batch, 0, dtype=torch.int64, device=self.device), None,
+                    [0] * batch, [False] * batch)
+        looked = (gen.lookup.propose(self.rows, num_draft) if gen.lookup is not None
+                  else [[] for _ in range(batch)])
+        use_model = [self.draft is not None and not self.done[b] and len(looked[b]) < gen.min_match
+                     for b in range(batch)]
+        tokens = torch.zeros(batch, num_draft, dtype=torch.int64, device=self.device)
+        probs = None
+        if any(use_model):
+            tokens, probs = self.draft.draft_chain(self.rows, num_draft, self._pick_draft)
+        lens = [num_draft if use_model[b] else len(looked[b]) for b in range(batch)]
+        for b, proposal in enumerate(looked):
+            if use_model[b] or not proposal:
+                continue
+            n = len(proposal)
+            tokens[b, :n] = torch.tensor(proposal, dtype=torch.int64)
+            if probs is not None:   # a lookup token is a point mass: deterministic
+                probs[b, :n] = 0.0
+                probs[b, torch.arange(n), tokens[b, :n]] = 1.0
+        return tokens, probs, lens, use_model
+
+    def _chain_step(self, num_draft: int) -> list[list[int]]:
+        gen, batch = self.gen, self.batch
+        self.clock.switch("draft")
+        started = time.perf_counter()
+        tokens, probs, draft_lens, use_model = self._propose(num_draft)
+        drafted = time.perf_counter()
+        if not any(use_model):              # only lookup tokens (or none): verify what exists
+            num_draft = max(draft_lens)
+            tokens = tokens[:, :num_draft]
+        self.clock.switch("verify")
+        target_lens = self._lens([n - 1 for n in self.root_lens])
+        roots = torch.tensor([r[-1] for r in self.rows], dtype=torch.int64, device=self.device)
+        inputs = torch.cat([roots[:, None], tokens], 1)
+        positions = target_lens.long()[:, None] + torch.arange(num_draft + 1, device=self.device)
+        logits = gen.target(inputs, self.cache, target_lens, positions)
+        lens_tensor = self._lens(draft_lens)
+        if self.greedy:
+            out, num_accepted = ops.chain_verify_greedy(logits, tokens, lens_tensor)
+        else:
+            out, num_accepted = ops.chain_verify(self._warp(logits), tokens, probs, lens_tensor,
+                                                 seeds=self.seeds,
+                                                 positions=target_lens.long())
+        out_list, accepted = out.tolist(), num_accepted.tolist()
+        self._learn_cost(num_draft, any(use_model), drafted - started,
+                         time.perf_counter() - drafted)
+        if any(use_model):
+            # the draft cache holds the root and its own first num_draft - 1 drafts: the
+            # accepted ones stay; rows that verified lookup tokens keep only the root
+            self.draft.cached = [n + (min(a, num_draft - 1) if used else 0) for n, a, used
+                                 in zip(self.root_lens, accepted, use_model)]
+        self._record(num_draft, draft_lens, accepted)
+        return [o[:a + 1] for o, a in zip(out_list, accepted)]
+
+    def _learn_cost(self, num_draft: int, ran_draft: bool, draft_seconds: float,
+                    verify_seconds: float) -> None:
+        """Refines the controller's cost model from this step's timing (an exponential moving
+        average per verified length). Only on the CPU, where reading the clock needs no
+        device synchronisation; on a GPU the warm-up measurement stands."""
+        cost = self.gen.cost
+        if cost is None or self.device.type != "cpu":
+            return
+        n = num_draft + 1
+        old = cost.verify_seconds.get(n)
+        cost.verify_seconds[n] = verify_seconds if old is None else 0.8 * old + 0.2 * verify_seconds
+        if ran_draft and num_draft > 0:
+            cost.draft_step_seconds = (0.8 * cost.draft_step_seconds
+                                       + 0.2 * draft_seconds / num_draft)
+
+    def _record(self, num_draft: int, draft_lens: list[int], accepted: list[int]) -> None:
+        active = [b for b in range(self.batch) if not self.done[b]]
+        stats = self.stats
+        stats.steps += 1
+        stats.draft_lengths[num_draft] += 1
+        stats.record_acceptance([draft_lens[b] for b in active], [accepted[b] for b in active])
+        if self.controller is not None:
+            full = [accepted[b] for b in active if draft_lens[b] == num_draft]
+            if num_draft > 0 and full:
+                self.controller.update(num_draft, full)
+
+    # ------------------------------------------------------------------------- tree step
+    def _tree_step(self) -> list[list[int]]:
+        gen, tree = self.gen, self.gen.tree
+        self.clock.switch("draft")
+        tree_tokens, parents = self.draft.grow_tree(self.rows, tree.depth, tree.top_k,
+                                                    tree.num_nodes)
+        self.clock.switch("verify")
+        mask, depth = tree_metadata(parents)
+        target_lens = self._lens([n - 1 for n in self.root_lens])
+        positions = target_lens.long()[:, None] + depth.long()
+        logits = gen.target(tree_tokens, self.cache, target_lens, positions, mask)
+        if self.greedy:
+            out, path, num_accepted = tree_verify_greedy(logits, tree_tokens, parents)
+        else:
+            out, path, num_accepted = tree_verify(self._warp(logits), tree_tokens, parents,
+                                                  seeds=self.seeds, positions=target_lens.long())
+        kv_commit(self.cache.tensors(), target_lens, path, num_accepted)
+        out_list, accepted = out.tolist(), num_accepted.tolist()
+        self._record(tree.depth, [tree.depth] * self.batch, accepted)
+        return [o[:a + 1] for o, a in zip(out_list, accepted)]
+
+    # ------------------------------------------------------------------------- output
+    def _emit(self, emitted: list[list[int]]) -> None:
+        gen, stats = self.gen, self.stats
+        new_per_row: list[list[int]] = [[] for _ in range(self.batch)]
+        for b, tokens in enumerate(emitted):
+            if self.done[b]:
+                continue
+            stats.row_steps += 1
+            stats.emitted += len(tokens)
+            for token in tokens:
+                self.rows[b].append(token)
+                new_per_row[b].append(token)
+                if token in gen.eos or self._remaining(b) <= 0 or self._stopped(b):
+                    self.done[b] = True
+                    break
+            stats.new_tokens += len(new_per_row[b])
+        if self.streamer is not None:
+            self.streamer(new_per_row)
+
+    def _stopped(self, b: int) -> bool:
+        if not self.gen.stop_strings:
+            return False
+        new = self.rows[b][self.prompt_lens[b]:]
+        longest = max(len(s) for s in self.gen.stop_strings)
+        # a stop string of n characters spans at most n tokens, plus one partial on each side
+        text = self.gen.tokenizer.decode(new[-(longest + 2):])
+        return any(s in text for s in self.gen.stop_strings)
+
+    def output(self, input_ids: Tensor) -> GenerationOutput:
+        new = [r[p:] for r, p in zip(self.rows, self.prompt_lens)]
+        width = max(len(n) for n in new)
+        tail = torch.full((self.batch, width), self.gen.pad_token_id, dtype=torch.int64)
+        for b, n in enumerate(new):
+            tail[b, :len(n)] = torch.tensor(n, dtype=torch.int64)
+        sequences = torch.cat([input_ids.long().cpu(), tail], 1).to(input_ids.device)
+        return GenerationOutput(sequences, [len(n) for n in new], self.stats)
+
+
+def generate(target: torch.nn.Module, input_ids: Tensor, *, draft=None,
+             attention_mask: Tensor | None = None, max_new_tokens: int,
+             num_draft_tokens: int | None = None, tree: DynamicTree | None = None,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             eos_token_id: int | Sequence[int] | None = None,
+             stop_strings: Sequence[str] | None = None, tokenizer=None,
+             streamer: Callable[[list[list[int]]], None] | None = None,
+             max_draft_tokens: int = 8, **unsupported) -> GenerationOutput:
+    """Speculative generation: the target's output distribution, faster.
+
+    Args:
+        target: a transformers Llama, Qwen2 or Mistral causal LM.
+        input_ids: Shape ``(batch_size, prompt_len)``, int64; with ``attention_mask``
+            (same shape, 1 = token) rows may be left or right padded.
+        draft: None (plain decoding), a draft model sharing the target's tokenizer,
+            :class:`PromptLookup` or :class:`Hybrid`.
+        max_new_tokens: most new tokens per row.
+        num_draft_tokens: fixed draft length, or None for the cost-aware controller.
+        tree: a :class:`DynamicTree` for tree drafting.
+        temperature, top_k, top_p, seed: sampling (``temperature=0``: greedy). Row ``b``
+            uses seed ``seed + b``.
+        eos_token_id, stop_strings, tokenizer: where rows end.
+        streamer: called after every step with each row's new tokens (``list[list[int]]``).
+
+    Returns:
+        :class:`GenerationOutput`. Options of Hugging Face's ``generate`` that this loop
+        does not implement raise ``TypeError`` rather than being ignored.
+    """
+    _refuse(unsupported)
+    generator = SpeculativeGenerator(
+        target, draft, num_draft_tokens=num_draft_tokens, max_draft_tokens=max_draft_tokens,
+        tree=tree, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        eos_token_id=eos_token_id, stop_strings=stop_strings, tokenizer=tokenizer)
+    return generator.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                              streamer=streamer)
+
+
+# keep fit_vocab importable from here for engines that draft themselves
+__all__ = ["generate", "SpeculativeGenerator", "GenerationOutput", "DynamicTree", "Hybrid",
+           "PromptLookup", "fit_vocab"]

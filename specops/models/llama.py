@@ -1,0 +1,240 @@
+"""A compact, graph-safe forward pass for Llama-family causal LMs (Llama, Mistral, Qwen2).
+
+Hugging Face modeling code builds masks and caches with Python logic that CUDA graphs cannot
+capture, so the decoding loop runs the model through :class:`SpecopsCausalLM` instead. It
+reads the Hugging Face model's own parameters at call time (nothing is copied: an in-place
+change to a weight shows in the next call), keeps keys/values in a :class:`StaticKVCache`
+owned by the caller, writes them with :func:`specops.kv_write` and attends with
+:func:`specops.tree_attention`, so one forward serves prefill, chain and tree steps::
+
+    lm = specops.models.causal_lm(hf_model)
+    cache = lm.new_cache(batch_size=2, capacity=1024)
+    logits = lm(tokens, cache, cache_lens, positions, mask)   # (B, T, V) float32
+
+The layer is the one these three families share: RMSNorm before attention and MLP, rotary
+embedding from the model's own ``rotary_emb`` module (so every rope scaling type computes
+exactly as in transformers), grouped-query attention with optional q/k/v/o biases (Qwen2 has
+q/k/v biases, Llama's ``attention_bias``/``mlp_bias`` switch them on) and a SiLU-gated MLP.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _checks
+from ..attention_ops import tree_attention
+from ..hf import active_sliding_window
+from ..kv_ops import kv_write
+from .cache import StaticKVCache
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_OP = "SpecopsCausalLM.forward"
+
+
+def _rms_norm(x: Tensor, norm: torch.nn.Module) -> Tensor:
+    """Hugging Face's RMSNorm numerics: normalise in float32, cast back, then scale."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * x32.to(x.dtype)
+
+
+def _rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x (B, T, heads, D)``, ``cos, sin (B, T, 1, D)``: Hugging Face's
+    ``apply_rotary_pos_emb`` (rotate_half convention), in token-major layout."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _linear(x: Tensor, proj: torch.nn.Module) -> Tensor:
+    return F.linear(x, proj.weight, proj.bias)
+
+
+class SpecopsCausalLM:
+    """A Llama / Mistral / Qwen2 ``*ForCausalLM`` driven through a static KV cache.
+
+    Build it with :func:`specops.models.causal_lm`. Only Python structure (module references,
+    head counts) is taken at wrap time; parameters and buffers are read from ``hf_model`` on
+    every call.
+
+    Attributes:
+        hf_model: The wrapped transformers model (its weights are used in place).
+        config: ``hf_model.config``.
+        vocab_size: Rows of ``lm_head`` (the logits' last dim; may exceed the tokenizer's size).
+        device, dtype: Those of the embedding matrix now (they follow ``hf_model.to(...)``);
+            caches and compute use them.
+        num_layers: Decoder layers.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"specops.models: unsupported model type {model_type!r} "
+                             f"({type(model).__name__}); supported: "
+                             f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        if not (hasattr(model, "model") and hasattr(model, "lm_head")):
+            raise ValueError(f"specops.models: {type(model).__name__} has no .model/.lm_head: "
+                             f"pass the *ForCausalLM model, not the bare decoder")
+        if getattr(config, "hidden_act", None) not in ("silu", "swish"):
+            raise ValueError(f"specops.models: only SiLU-gated MLPs are supported, "
+                             f"{model_type} config has hidden_act={config.hidden_act!r}")
+        rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
+        if "dynamic" in str(rope_type):
+            # Dynamic NTK rescales every position by the longest one in the call, a Python
+            # branch on tensor values; keys cached at older scales would disagree anyway.
+            raise ValueError(f"specops.models: rope type {rope_type!r} depends on the sequence "
+                             f"length seen so far and cannot run on a static cache")
+        self.hf_model = model
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"specops.models: {self.num_kv_heads} kv heads must divide "
+                             f"{self.num_heads} query heads")
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.scale = self.head_dim ** -0.5
+        self._layers = list(model.model.layers)
+        self.num_layers = len(self._layers)
+        self.vocab_size = model.lm_head.weight.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.hf_model.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hf_model.model.embed_tokens.weight.dtype
+
+    def __repr__(self) -> str:
+        return (f"SpecopsCausalLM({type(self.hf_model).__name__}, layers={self.num_layers}, "
+                f"vocab_size={self.vocab_size}, dtype={self.dtype}, device={self.device})")
+
+    def new_cache(self, batch_size: int, capacity: int) -> StaticKVCache:
+        """A zeroed :class:`StaticKVCache` for this model: ``capacity`` slots per row.
+
+        Raises ``ValueError`` naming ``sliding_window`` when the model's active sliding window
+        (some Mistral and Qwen2 configurations) is smaller than ``capacity``: tree attention
+        attends to every cached slot, so it would differ from the model past the window.
+        """
+        window = active_sliding_window(self.config)
+        if window is not None and window < capacity:
+            raise ValueError(f"specops.models: this {self.config.model_type} model uses "
+                             f"sliding_window={window}, smaller than the cache capacity "
+                             f"{capacity}; specops' tree attention has no sliding window, so "
+                             f"use capacity <= {window}")
+        return StaticKVCache(self.num_layers, batch_size, self.num_kv_heads, capacity,
+                             self.head_dim, self.dtype, self.device)
+
+    def forward(self, tokens: Tensor, cache: StaticKVCache, cache_lens: Tensor,
+                positions: Tensor, mask: Tensor | None = None, *,
+                logits_index: Tensor | None = None, prefill: bool = False) -> Tensor:
+        """Runs ``T`` new tokens per row over the cached ones and writes their keys/values.
+
+        Token ``i`` of row ``b`` gets rotary position ``positions[b, i]``, writes its key and
+        value (after rotary) to slot ``cache_lens[b] + i`` of every layer, and attends to the
+        cached slots ``[0, cache_lens[b])`` plus the new tokens ``j`` with ``mask[b, i, j]``.
+        For a tree from :func:`specops.tree_metadata`, pass its ``mask`` and
+        ``positions = root position + depth``: row ``i`` of the logits is then the model's
+        next-token logits after the root-to-node-``i`` path. Sync-free, with static shapes:
+        capturable in a CUDA graph and by ``torch.compile(fullgraph=True)`` per input shape.
+
+        Args:
+            tokens: Shape ``(batch_size, T)``, int64 in ``0..vocab_size - 1``.
+            cache: From :meth:`new_cache`; updated in place (slots past ``cache_lens[b] + T``
+                untouched). The caller keeps ``cache_lens + T <= cache.capacity``.
+            cache_lens: Shape ``(batch_size,)``, int32: tokens already cached per row. Not
+                modified; the caller advances it (or :func:`specops.kv_commit` does).
+            positions: Shape ``(batch_size, T)``, int64: each token's rotary position (its
+                absolute position in the sequence, not its slot).
+            mask: Shape ``(batch_size, T, T)``, bool: ``mask[b, i, j]`` iff new token ``i``
+                attends to new token ``j``. ``None`` = causal (``j <= i``).
+            logits_index: Shape ``(batch_size, N)``, int64 in ``0..T - 1``: only these rows
+                go through the final norm and ``lm_head`` (e.g. each prompt's last token).
+                ``None`` = all ``T`` rows.
+            prefill: The caller promises that every ``cache_lens`` is 0 (not checked: that
+                would sync) and ``mask`` is ``None``; attention then runs as causal
+                ``scaled_dot_product_attention`` on the new keys/values, fast for long
+                prompts. Rows may be right-padded: a pad token's junk entry lies past the
+                row's length, is never attended to and is overwritten later.
+
+        Returns:
+            Shape ``(batch_size, N or T, vocab_size)``, float32 (computed in the model's dtype).
+        """
+        self._check_inputs(tokens, cache, cache_lens, positions, mask, logits_index, prefill)
+        with torch.no_grad():
+            return self._forward(tokens, cache, cache_lens, positions, mask, logits_index,
+                                 prefill)
+
+    __call__ = forward
+
+    def _forward(self, tokens, cache, cache_lens, positions, mask, logits_index, prefill):
+        inner = self.hf_model.model
+        batch, num_new = tokens.shape
+        hidden = F.embedding(tokens, inner.embed_tokens.weight)
+        cos, sin = inner.rotary_emb(hidden, positions)  # (B, T, D) each, model dtype
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # broadcast over heads
+        if mask is None and not prefill:
+            causal = torch.ones(num_new, num_new, dtype=torch.bool, device=tokens.device).tril()
+            mask = causal.expand(batch, num_new, num_new).contiguous()
+        for layer, keys, values in zip(self._layers, cache.keys, cache.values):
+            attn = layer.self_attn
+            x = _rms_norm(hidden, layer.input_layernorm)
+            q = _linear(x, attn.q_proj).view(batch, num_new, self.num_heads, self.head_dim)
+            k = _linear(x, attn.k_proj).view(batch, num_new, self.num_kv_heads, self.head_dim)
+            v = _linear(x, attn.v_proj).view(batch, num_new, self.num_kv_heads, self.head_dim)
+            q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D), the cache's order
+            kv_write(keys, k, cache_lens)
+            kv_write(values, v, cache_lens)
+            if prefill:
+                out = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k, v, is_causal=True, scale=self.scale,
+                    enable_gqa=self.num_heads != self.num_kv_heads).transpose(1, 2)
+            else:
+                out = tree_attention(q, keys, values, cache_lens, mask, scale=self.scale)
+            hidden = hidden + _linear(out.reshape(batch, num_new, -1), attn.o_proj)
+            x = _rms_norm(hidden, layer.post_attention_layernorm)
+            mlp = layer.mlp
+            hidden = hidden + _linear(F.silu(_linear(x, mlp.gate_proj)) * _linear(x, mlp.up_proj),
+                                      mlp.down_proj)
+        if logits_index is not None:
+            index = logits_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+            hidden = hidden.gather(1, index)
+        hidden = _rms_norm(hidden, inner.norm)
+        return _linear(hidden, self.hf_model.lm_head).float()
+
+    def _check_inputs(self, tokens, cache, cache_lens, positions, mask, logits_index, prefill):
+        """Dtypes, shapes and devices (metadata only: no sync, traceable)."""
+        _checks.check_tensor(_OP, "tokens", tokens, (torch.int64,), 2)
+        batch, num_new = tokens.shape
+        if num_new < 1:
+            raise ValueError(f"{_OP}: tokens must hold at least one token per row, "
+                             f"got shape {tuple(tokens.shape)}")
+        if not isinstance(cache, StaticKVCache):
+            raise TypeError(f"{_OP}: cache must be a StaticKVCache (from new_cache), "
+                            f"got {type(cache).__name__}")
+        expected = (batch, self.num_kv_heads, cache.capacity, self.head_dim)
+        layers_ok = len(cache.keys) == len(cache.values) == self.num_layers
+        if not layers_ok or any(t.shape != expected or t.dtype != self.dtype
+                                for t in (*cache.keys, *cache.values)):
+            raise ValueError(f"{_OP}: cache must hold {self.num_layers} layers of "
+                             f"{list(expected)} {self.dtype} keys and values for this model "
+                             f"and batch, got {cache!r}")
+        _checks._check_row_vectors(_OP, batch, cache_lens=(cache_lens, torch.int32))
+        _checks.check_tensor(_OP, "positions", positions, (torch.int64,), 2)
+        _checks.check_size(_OP, "positions", positions, 0, batch, "B")
+        _checks.check_size(_OP, "positions", positions, 1, num_new, "T")
+        if mask is not None:
+            if prefill:
+                raise ValueError(f"{_OP}: prefill=True runs causal attention and takes no "
+                                 f"mask; pass mask=None or prefill=False")
+            _checks.check_tensor(_OP, "mask", mask, (torch.bool,), 3)
+            for dim, (size, what) in enumerate(((batch, "B"), (num_new, "T"), (num_new, "T"))):
+                _checks.check_size(_OP, "mask", mask, dim, size, what)
+        if logits_index is not None:
+            _checks.check_tensor(_OP, "logits_index", logits_index, (torch.int64,), 2)
+            _checks.check_size(_OP, "logits_index", logits_index, 0, batch, "B")
+        _checks.check_same_device(_OP, self.hf_model.model.embed_tokens.weight, tokens=tokens,
+                                  cache=cache.keys[0], cache_lens=cache_lens,
+                                  positions=positions, mask=mask, logits_index=logits_index)

@@ -1,0 +1,208 @@
+"""The decoding loop, greedy: in fp32 ``specops.generate`` must reproduce the target's own
+greedy ``generate`` token for token (a difference is allowed only at a numerical tie, which
+the assertion then shows), for every drafter, batch 1 and ragged batches, EOS and
+``max_new_tokens`` falling inside an accepted draft; plus stops, streaming and bad input."""
+
+import pytest
+import torch
+
+import specops
+from loop_models import EOS, PAD, assert_same_or_tie, hf_greedy, noisy_copy, tiny_model
+
+NEW = 20
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def pair(request):
+    target = tiny_model(request.param, seed=3)
+    return target, noisy_copy(target, noise=0.1)
+
+
+def prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    # ids 2.. so that no prompt token is EOS or PAD
+    return [torch.randint(2, vocab, (n,), generator=generator).tolist() for n in lengths]
+
+
+def padded(rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD)
+    mask = torch.zeros(len(rows), width, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[b, cols] = torch.tensor(r)
+        mask[b, cols] = 1
+    return ids, mask
+
+
+def drafters(target, draft):
+    return {"plain": dict(draft=None),
+            "chain-3": dict(draft=draft, num_draft_tokens=3),
+            "chain-auto": dict(draft=draft),
+            "tree": dict(draft=draft, tree=specops.DynamicTree(depth=3, top_k=2, num_nodes=6)),
+            "lookup": dict(draft=specops.PromptLookup(max_ngram=2), num_draft_tokens=4),
+            "hybrid": dict(draft=specops.Hybrid(draft, specops.PromptLookup(max_ngram=2)),
+                           num_draft_tokens=3)}
+
+
+@pytest.mark.parametrize("method", ["plain", "chain-3", "chain-auto", "tree", "lookup", "hybrid"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_greedy_equals_target_generate(pair, method, side):
+    target, draft = pair
+    rows = prompts(target.config.vocab_size, [5, 1, 9])
+    ids, mask = padded(rows, side)
+    out = specops.generate(target, ids, attention_mask=mask, max_new_tokens=NEW,
+                           eos_token_id=[], **drafters(target, draft)[method])
+    assert out.sequences.shape == (3, ids.shape[1] + NEW)
+    assert torch.equal(out.sequences[:, :ids.shape[1]], ids)
+    for b, row in enumerate(rows):
+        ours = out.sequences[b, ids.shape[1]:].tolist()
+        assert_same_or_tie(target, row, ours, hf_greedy(target, row, NEW), f"{method} row {b}")
+    if method in ("chain-3", "tree"):
+        # the noisy draft agrees often: speculation really happened
+        assert out.stats.mean_emitted_per_step > 1.2, out.stats.summary()
+
+
+def test_batch_one_and_generator_reuse(pair):
+    target, draft = pair
+    row = prompts(target.config.vocab_size, [6], seed=1)[0]
+    generator = specops.SpeculativeGenerator(target, draft, num_draft_tokens=4)
+    first = generator.generate(torch.tensor([row]), max_new_tokens=NEW)
+    second = generator.generate(torch.tensor([row]), max_new_tokens=NEW)
+    assert torch.equal(first.sequences, second.sequences)
+    assert_same_or_tie(target, row, first.sequences[0, 6:].tolist(),
+                       hf_greedy(target, row, NEW, eos=EOS), "batch 1")
+
+
+def test_eos_and_max_new_tokens_inside_an_accepted_draft():
+    target = tiny_model("qwen2", seed=5)
+    row = prompts(64, [4], seed=2)[0]
+    reference = hf_greedy(target, row, 30)
+    # a draft identical to the target accepts everything: EOS falls mid-chain
+    eos = reference[6]
+    expected = reference[:reference.index(eos) + 1]
+    out = specops.generate(target, torch.tensor([row]), draft=target, num_draft_tokens=4,
+                           max_new_tokens=30, eos_token_id=eos)
+    assert out.num_new_tokens == [len(expected)]
+    assert out.sequences[0, 4:4 + len(expected)].tolist() == expected
+    assert (out.sequences[0, 4 + len(expected):] == PAD).all()
+    assert out.stats.mean_emitted_per_step > 3
+    for limit in (1, 7, 9):
+        out = specops.generate(target, torch.tensor([row]), draft=target, num_draft_tokens=4,
+                               max_new_tokens=limit, eos_token_id=[])
+        assert out.sequences[0, 4:].tolist() == reference[:limit]
+
+
+def test_rows_end_independently():
+    target = tiny_model("llama", seed=6)
+    rows = prompts(64, [3, 7], seed=3)
+    ref0 = hf_greedy(target, rows[0], 15)
+    eos = ref0[4]
+    ids, mask = padded(rows, "left")
+    out = specops.generate(target, ids, attention_mask=mask, draft=target, num_draft_tokens=3,
+                           max_new_tokens=15, eos_token_id=[eos, 63])
+    for b, row in enumerate(rows):
+        reference = hf_greedy(target, row, 15)
+        cut = [i for i, t in enumerate(reference) if t in (eos, 63)]
+        reference = reference[:cut[0] + 1] if cut else reference
+        assert out.sequences[b, 7:7 + len(reference)].tolist() == reference
+        assert out.num_new_tokens[b] == len(reference)
+
+
+def test_draft_with_a_differently_sized_vocabulary():
+    """Qwen2.5 7B+ pads its table to 152064 rows, the small models to 151936: same tokens."""
+    target = tiny_model("qwen2", vocab=72, seed=7)
+    row = prompts(64, [5], seed=4)[0]
+    reference = hf_greedy(target, row, NEW)
+    for vocab in (64, 80):
+        draft = noisy_copy(target, noise=0.2, vocab=vocab)
+        out = specops.generate(target, torch.tensor([row]), draft=draft, num_draft_tokens=3,
+                               max_new_tokens=NEW, eos_token_id=[])
+        assert_same_or_tie(target, row, out.sequences[0, 5:].tolist(), reference,
+                           f"draft vocab {vocab}")
+
+
+class CharTokenizer:
+    """Token id i is the letter chr(97 + i % 26): enough to test stop strings."""
+
+    def decode(self, ids):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def test_stop_strings_and_streamer():
+    target = tiny_model("qwen2", seed=8)
+    row = prompts(64, [4], seed=5)[0]
+    reference = hf_greedy(target, row, 30)
+    text = CharTokenizer().decode(reference)
+    stop = text[8:10]
+    end = text.index(stop) + len(stop)          # the token completing the stop string
+    streamed: list[int] = []
+    out = specops.generate(target, torch.tensor([row]), draft=target, num_draft_tokens=4,
+                           max_new_tokens=30, eos_token_id=[], stop_strings=[stop],
+                           tokenizer=CharTokenizer(),
+                           streamer=lambda new: streamed.extend(new[0]))
+    assert out.sequences[0, 4:4 + end].tolist() == reference[:end]
+    assert out.num_new_tokens == [end]
+    assert streamed == reference[:end]
+
+
+def test_stats_are_consistent(pair):
+    target, draft = pair
+    out = specops.generate(target, torch.tensor([prompts(64, [6])[0]]), draft=draft,
+                           num_draft_tokens=3, max_new_tokens=NEW, eos_token_id=[])
+    stats = out.stats
+    assert stats.new_tokens == NEW and stats.steps >= NEW / 4
+    assert 1 <= stats.mean_emitted_per_step <= 4
+    assert all(0 <= a <= 1 for a in stats.acceptance_per_position)
+    assert sum(stats.draft_lengths.values()) == stats.steps
+    assert stats.total_seconds >= stats.verify_seconds + stats.draft_seconds > 0
+    assert set(stats.as_dict()) >= {"tokens_per_second", "acceptance_per_position"}
+    assert "tok/s" in stats.summary()
+
+
+@pytest.mark.parametrize("bad, error, words", [
+    (dict(input_ids=torch.zeros(1, 0, dtype=torch.int64)), ValueError, "empty"),
+    (dict(attention_mask=torch.tensor([[0, 0, 0]])), ValueError, "row 0"),
+    (dict(input_ids=torch.tensor([[2, 3, 99]])), ValueError, "outside"),
+    (dict(input_ids=torch.tensor([[2.0, 3.0, 4.0]])), TypeError, "input_ids"),
+    (dict(max_new_tokens=300), ValueError, "max_position_embeddings"),
+    (dict(max_new_tokens=-1), ValueError, "max_new_tokens"),
+    (dict(temperature=-1.0), ValueError, "temperature"),
+    (dict(temperature=float("nan")), ValueError, "temperature"),
+    (dict(top_p=0.0), ValueError, "top_p"),
+    (dict(top_p=1.5), ValueError, "top_p"),
+    (dict(top_k=-2), ValueError, "top_k"),
+    (dict(repetition_penalty=1.2), TypeError, "repetition_penalty"),
+    (dict(logprobs=True), TypeError, "not supported"),
+    (dict(draft="lookup", tree=specops.DynamicTree()), ValueError, "tree"),
+    (dict(draft="other-tokenizer"), ValueError, "tokenizer"),
+    (dict(draft="meta"), ValueError, "device"),
+])
+def test_bad_input_is_refused_clearly(bad, error, words):
+    target = tiny_model("qwen2", seed=9)
+    args = dict(input_ids=torch.tensor([[2, 3, 4]]), max_new_tokens=4)
+    args.update(bad)
+    if args.get("draft") == "lookup":
+        args["draft"] = specops.PromptLookup()
+    elif args.get("draft") == "other-tokenizer":
+        other = tiny_model("llama", seed=1)
+        other.config.eos_token_id = 7
+        args["draft"] = other
+    elif args.get("draft") == "meta":
+        args["draft"] = tiny_model("qwen2", seed=1).to("meta")
+    with pytest.raises(error, match=words):
+        specops.generate(target, args.pop("input_ids"), **args)
+
+
+def test_mismatched_tokenizers_are_refused_with_advice():
+    class Vocab:
+        def __init__(self, words):
+            self.words = words
+
+        def get_vocab(self):
+            return {w: i for i, w in enumerate(self.words)}
+
+    target = tiny_model("qwen2", seed=9)
+    with pytest.raises(ValueError, match="PromptLookup"):
+        specops.SpeculativeGenerator(target, tiny_model("qwen2", seed=2),
+                                     tokenizer=Vocab(["a", "b"]), draft_tokenizer=Vocab(["a", "c"]))
