@@ -39,7 +39,8 @@ class GenerationStats:
 
     @property
     def acceptance_per_position(self) -> list[float]:
-        return [a / t if t else 0.0 for a, t in zip(self.accepted, self.tried)]
+        # positions no row reached (tried 0) are left out: they would read as 0% acceptance
+        return [a / t for a, t in zip(self.accepted, self.tried) if t]
 
     @property
     def tokens_per_second(self) -> float:
