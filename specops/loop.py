@@ -18,6 +18,7 @@ everything inside a step is sync-free device work.
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -43,6 +44,20 @@ UNSUPPORTED = ("logprobs", "output_scores", "output_logits", "return_dict_in_gen
                "do_sample", "min_new_tokens", "min_length", "length_penalty", "bad_words_ids",
                "logits_processor", "stopping_criteria", "typical_p", "min_p",
                "presence_penalty", "frequency_penalty", "guidance_scale")
+
+
+@runtime_checkable
+class Proposer(Protocol):
+    """A draftless drafter: anything with this method (:class:`PromptLookup` is one).
+
+    ``propose(rows, num_draft)`` gets every row's committed tokens (prompt + generated, the
+    last one is the root) and returns, per row, at most ``num_draft`` proposed next tokens
+    (``[]`` for none). Proposals are verified as deterministic drafts (``draft_probs=None``),
+    which keeps the output exact however they were chosen. The loop times the call and
+    feeds that cost to the draft-length controller.
+    """
+
+    def propose(self, rows: list[list[int]], num_draft: int) -> list[list[int]]: ...
 
 
 @dataclass(frozen=True)
@@ -72,7 +87,7 @@ class Hybrid:
     match use the lookup's tokens and the others the draft model's.
     """
 
-    def __init__(self, draft_model: torch.nn.Module, lookup: PromptLookup | None = None,
+    def __init__(self, draft_model: torch.nn.Module, lookup: Proposer | None = None,
                  min_match: int = 2):
         self.draft_model = draft_model
         self.lookup = lookup or PromptLookup()
@@ -102,7 +117,8 @@ class SpeculativeGenerator:
         target: a transformers ``LlamaForCausalLM``, ``Qwen2ForCausalLM`` or
             ``MistralForCausalLM`` (any dtype; ``model.eval()``).
         draft: None (plain decoding in the specops loop), a transformers causal LM sharing
-            the target's tokenizer, a :class:`PromptLookup` or a :class:`Hybrid`.
+            the target's tokenizer, a :class:`PromptLookup` (or any :class:`Proposer`) or a
+            :class:`Hybrid`.
         num_draft_tokens: draft length per step; None = chosen per step by the cost-aware
             :class:`specops.controller.DraftLengthController` in ``0..max_draft_tokens``.
         tree: None (chains) or a :class:`DynamicTree` (needs a draft model).
@@ -122,13 +138,13 @@ class SpeculativeGenerator:
                  stop_strings: Sequence[str] | None = None, tokenizer=None, draft_tokenizer=None,
                  pad_token_id: int | None = None):
         self.target = causal_lm(target)
-        self.lookup: PromptLookup | None = None
+        self.lookup: Proposer | None = None
         self.draft: SpecopsCausalLM | None = None
         self.min_match = 1
         if isinstance(draft, Hybrid):
             self.lookup, self.min_match = draft.lookup, draft.min_match
             draft = draft.draft_model
-        if isinstance(draft, PromptLookup):
+        if isinstance(draft, Proposer) and not isinstance(draft, torch.nn.Module):
             self.lookup, draft = draft, None
         if draft is not None:
             self.draft = self._check_draft(target, draft, tokenizer, draft_tokenizer)
@@ -438,7 +454,7 @@ class _Run:
         n = num_draft + 1
         old = cost.verify_seconds.get(n)
         cost.verify_seconds[n] = verify_seconds if old is None else 0.8 * old + 0.2 * verify_seconds
-        if ran_draft and num_draft > 0:
+        if num_draft > 0 and (ran_draft or self.draft is None):
             cost.draft_step_seconds = (0.8 * cost.draft_step_seconds
                                        + 0.2 * draft_seconds / num_draft)
 
@@ -551,4 +567,4 @@ def generate(target: torch.nn.Module, input_ids: Tensor, *, draft=None,
 
 # keep fit_vocab importable from here for engines that draft themselves
 __all__ = ["generate", "SpeculativeGenerator", "GenerationOutput", "DynamicTree", "Hybrid",
-           "PromptLookup", "fit_vocab"]
+           "PromptLookup", "Proposer", "fit_vocab"]
