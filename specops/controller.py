@@ -91,9 +91,12 @@ class DraftLengthController:
 
     Probing: choosing 0 (plain decoding) yields no acceptance data, so an estimate that once
     fell below break-even would never recover. While 0 is the best choice, every
-    ``probe_every``-th consecutive call of :meth:`choose` returns the smallest candidate
-    ``> 0`` instead (the cheapest draft that still measures ``a_1``); its :meth:`update` then
-    refreshes the estimate. Call :meth:`choose` once per step.
+    ``probe_every``-th consecutive call of :meth:`choose` returns the best candidate ``> 0``
+    under the current estimates instead; its :meth:`update` then refreshes them. Probing the
+    best positive length rather than the shortest matters when verifying 2 tokens costs
+    nearly as much as verifying 9 (fp32 matmuls on CPUs): a 1-token probe can look unprofitable
+    while a long draft is, and it would never measure the later positions. Call
+    :meth:`choose` once per step.
 
     Args:
         cost: The :class:`CostModel`; :meth:`set_cost` replaces it (e.g. after re-measuring).
@@ -178,7 +181,7 @@ class DraftLengthController:
             if self._zero_run == self.probe_every:
                 self._zero_run = 0
                 self.num_probes += 1
-                choice = positive[0]
+                choice = max(positive, key=self.expected_rate)  # first maximum: shortest
         self.chosen_lengths[choice] += 1
         return choice
 

@@ -347,14 +347,15 @@ class _Run:
     controller: DraftLengthController | None = None
 
     def _setup_controller(self) -> None:
-        """Cost model from a short warm-up (the target's forward for 1 and for
+        """Cost model from a short warm-up (the target's forward for 1, 2 and
         ``max_draft + 1`` tokens, one draft step), refined online from every step's timing;
         the controller itself persists on the generator, acceptance estimates included."""
         gen = self.gen
         if gen.cost is None:
             lens = self._lens([len(r) - 1 for r in self.rows])
             verify = {}
-            for n in sorted({1, gen.max_draft_tokens + 1}):
+            # 2 as well as the ends: fp32 CPU matmuls jump from 1 row to 2 and are flat after
+            for n in sorted({1, 2, gen.max_draft_tokens + 1}):
                 verify[n] = min(self._time(lambda: self._target_forward_dummy(lens, n))
                                 for _ in range(2))
             draft_cost = 0.0

@@ -101,11 +101,25 @@ def test_never_accepting_falls_back_to_plain_decoding_and_probes_on_schedule():
     assert ctrl.chosen_lengths[0] == chosen.count(0)
 
 
-def test_probe_is_the_smallest_positive_candidate():
+def test_probe_is_the_best_positive_candidate():
     ctrl = DraftLengthController(DRAFT, 8, candidates=[0, 3, 6], probe_every=2)
     chosen = run(ctrl, 40, never)
     assert set(chosen) <= {0, 3, 6}
-    assert chosen[-4:] == [0, 3, 0, 3]
+    assert chosen[-4:] == [0, 3, 0, 3]      # never accepted: the shorter draft is better
+
+
+def test_probe_measures_long_drafts_when_short_ones_do_not_pay():
+    """fp32 on a CPU: verifying 2 tokens costs about as much as 9. A 1-token draft never
+    pays there, an 8-token one does; the probe must try the long one to learn that."""
+    cost = CostModel({1: 1.0, 2: 2.0, 9: 2.3}, draft_step_seconds=0.1)
+    ctrl = DraftLengthController(cost, 8, prior_acceptance=0.5, probe_every=3)
+    assert ctrl.choose() == 0
+    assert ctrl.choose() == 0
+    probe = ctrl.choose()       # rates under the prior: g=1 0.71, g=3 0.79 (best), g=8 0.64
+    assert probe == 3, probe
+    for _ in range(5):          # the draft really is good
+        ctrl.update(probe, [probe])
+    assert ctrl.choose() >= 3
 
 
 def test_no_positive_candidate_means_no_probe():
