@@ -48,12 +48,12 @@ __all__ = ["chain_verify", "chain_verify_greedy", "sampling_probs", "set_backend
            "unpack_tree_mask", "chain_parents", "tree_from_choices", "tokens_from_topk",
            "grow_tree", "kv_commit", "kv_write", "tree_attention", "hf", "generate",
            "SpeculativeGenerator", "GenerationOutput", "DynamicTree", "Hybrid", "PromptLookup",
-           "Proposer"]
+           "Proposer", "StaticTree"]
 
 # The decoding loop is imported on first use: it pulls in transformers' model classes, which
 # users of the ops alone need not load.
 _LOOP_NAMES = {"generate", "SpeculativeGenerator", "GenerationOutput", "DynamicTree", "Hybrid",
-               "PromptLookup", "Proposer"}
+               "PromptLookup", "Proposer", "StaticTree"}
 
 
 def __getattr__(name: str):

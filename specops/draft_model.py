@@ -159,3 +159,53 @@ class DraftRunner:
         tree_tokens, parents, _, _ = grow_tree(draft_step, root_tokens, depth, top_k, num_nodes)
         self.rewind(root_lens)
         return tree_tokens, parents
+
+    def static_tree(self, rows: list[list[int]], branching: tuple[int, ...],
+                    children: Callable[[Tensor, int], tuple[Tensor, Tensor | None]]
+                    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A full tree with ``branching[d]`` children per node at depth ``d``, nodes in
+        breadth-first order (siblings adjacent, in the order ``children`` returns them).
+
+        ``children(logits, level)`` gets the draft's logits after each node of one level,
+        shape ``(B, F, V)``, and returns their children ``(B, F, k)`` int64 and, for sampled
+        children, the distributions they were drawn from ``(B, F, V)`` (None for top-k).
+        As in :meth:`grow_tree`, each level re-feeds the tree grown so far with its mask.
+
+        Returns ``tree_tokens (B, T)`` int64, ``parents (B, T)`` int32 and ``draft_probs
+        (B, T, V)`` (row ``i`` = the distribution node ``i`` was drawn from, i.e. its
+        parent's; row 0 unused) or None.
+        """
+        batch = len(rows)
+        root_lens = [len(r) for r in rows]
+        logits = self.catch_up(rows)[:, None]
+        lens = self._lens(self.cached)                     # root included
+        node_parents, level_nodes = [-1], [0]
+        levels: list[Tensor] = []
+        probs: list[Tensor] = []
+        for level, width in enumerate(branching):
+            tokens, level_probs = children(logits, level)
+            levels.append(tokens.reshape(batch, -1))
+            if level_probs is not None:
+                probs.append(level_probs.repeat_interleave(width, dim=1))
+            first = len(node_parents)
+            node_parents += [parent for parent in level_nodes for _ in range(width)]
+            level_nodes = list(range(first, len(node_parents)))
+            if level + 1 == len(branching):
+                break
+            parents = torch.tensor(node_parents, dtype=torch.int32,
+                                   device=self.device).expand(batch, -1)
+            mask, depth = tree_metadata(parents)
+            positions = lens.long()[:, None] - 1 + depth[:, 1:].long()
+            frontier = torch.tensor(level_nodes, device=self.device) - 1
+            logits = fit_vocab(self.model(torch.cat(levels, 1), self.cache, lens, positions,
+                                          mask[:, 1:, 1:],
+                                          logits_index=frontier.expand(batch, -1)),
+                               self.vocab_size)
+        self.rewind(root_lens)
+        roots = torch.tensor([r[-1] for r in rows], dtype=torch.int64, device=self.device)
+        tree_tokens = torch.cat([roots[:, None]] + levels, 1)
+        parents = torch.tensor(node_parents, dtype=torch.int32, device=self.device)
+        draft_probs = None
+        if probs:
+            draft_probs = torch.cat([torch.zeros_like(probs[0][:, :1])] + probs, 1)
+        return tree_tokens, parents.expand(batch, -1).contiguous(), draft_probs

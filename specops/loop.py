@@ -80,6 +80,39 @@ class DynamicTree:
                              f"depth={self.depth}, top_k={self.top_k}), got {self.num_nodes}")
 
 
+@dataclass(frozen=True)
+class StaticTree:
+    """A fixed tree shape: every node at depth ``d`` gets ``branching[d]`` children from the
+    draft model, e.g. ``(3, 2, 1)`` = 3 + 6 + 6 nodes under the root.
+
+    ``sampled=None`` (default): children are drawn independently (with replacement) from
+    the draft's warped distribution when sampling (verified with their real ``q``) and are
+    its top-k when greedy; ``False`` always takes the top-k (deterministic children,
+    verified with ``draft_probs=None``: lossless too). ``True`` needs ``temperature > 0``.
+    """
+
+    branching: tuple[int, ...] = (2, 2, 1)
+    sampled: bool | None = None
+
+    def __post_init__(self):
+        if not self.branching or any(int(k) != k or k < 1 for k in self.branching):
+            raise ValueError(f"StaticTree: branching must be positive ints, got "
+                             f"{self.branching}")
+        object.__setattr__(self, "branching", tuple(int(k) for k in self.branching))
+
+    @property
+    def depth(self) -> int:
+        return len(self.branching)
+
+    @property
+    def num_nodes(self) -> int:
+        total, width = 1, 1
+        for k in self.branching:
+            width *= k
+            total += width
+        return total
+
+
 class Hybrid:
     """Prompt lookup where it finds a match, the draft model elsewhere.
 
@@ -121,7 +154,8 @@ class SpeculativeGenerator:
             :class:`Hybrid`.
         num_draft_tokens: draft length per step; None = chosen per step by the cost-aware
             :class:`specops.controller.DraftLengthController` in ``0..max_draft_tokens``.
-        tree: None (chains) or a :class:`DynamicTree` (needs a draft model).
+        tree: None (chains), a :class:`DynamicTree` or a :class:`StaticTree` (both need a
+            draft model).
         temperature, top_k, top_p: as Hugging Face's warpers; ``temperature=0`` is greedy.
         seed: row ``b`` uses seed ``seed + b`` (Philox, contract "randomness").
         eos_token_id: an id or a list of ids ending a row (default: the target's config).
@@ -132,7 +166,7 @@ class SpeculativeGenerator:
     """
 
     def __init__(self, target: torch.nn.Module, draft=None, *, num_draft_tokens: int | None = None,
-                 max_draft_tokens: int = 8, tree: DynamicTree | None = None,
+                 max_draft_tokens: int = 8, tree: DynamicTree | StaticTree | None = None,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  eos_token_id: int | Sequence[int] | None = None,
                  stop_strings: Sequence[str] | None = None, tokenizer=None, draft_tokenizer=None,
@@ -148,8 +182,11 @@ class SpeculativeGenerator:
             self.lookup, draft = draft, None
         if draft is not None:
             self.draft = self._check_draft(target, draft, tokenizer, draft_tokenizer)
-        if tree is not None and not isinstance(tree, DynamicTree):
-            raise TypeError(f"tree must be None or specops.DynamicTree, got {type(tree).__name__}")
+        if tree is not None and not isinstance(tree, (DynamicTree, StaticTree)):
+            raise TypeError(f"tree must be None, specops.DynamicTree or specops.StaticTree, got "
+                            f"{type(tree).__name__}")
+        if isinstance(tree, StaticTree) and tree.sampled and temperature == 0:
+            raise ValueError("StaticTree(sampled=True) needs temperature > 0")
         if tree is not None and (self.draft is None or self.lookup is not None):
             raise ValueError("tree mode needs a draft model (not prompt lookup or hybrid)")
         if temperature < 0 or temperature != temperature or temperature == float("inf"):
@@ -471,11 +508,30 @@ class _Run:
                 self.controller.update(num_draft, full)
 
     # ------------------------------------------------------------------------- tree step
+    def _tree_children(self, logits: Tensor, level: int) -> tuple[Tensor, Tensor | None]:
+        """Children of every node of one level of a :class:`StaticTree`: ``(B, F, k)``."""
+        width = self.gen.tree.branching[level]
+        if self.greedy or self.gen.tree.sampled is False:
+            return logits.topk(width, dim=-1).indices, None
+        probs = self._warp(logits)                                   # (B, F, V)
+        batch, frontier, vocab = probs.shape
+        flat = sanitize(probs).reshape(-1, vocab)
+        # position of the children: root position + level + 1; rank: the child's index
+        positions = (self._lens(self.root_lens).long() + level)[:, None].expand(-1, frontier)
+        draws = [draw(flat, uniform(self.seeds[:, None], positions, rank, PURPOSE_DRAFT)
+                      .reshape(-1)).reshape(batch, frontier) for rank in range(width)]
+        return torch.stack(draws, -1), probs
+
     def _tree_step(self) -> list[list[int]]:
         gen, tree = self.gen, self.gen.tree
         self.clock.switch("draft")
-        tree_tokens, parents = self.draft.grow_tree(self.rows, tree.depth, tree.top_k,
-                                                    tree.num_nodes)
+        draft_probs = None
+        if isinstance(tree, StaticTree):
+            tree_tokens, parents, draft_probs = self.draft.static_tree(
+                self.rows, tree.branching, self._tree_children)
+        else:
+            tree_tokens, parents = self.draft.grow_tree(self.rows, tree.depth, tree.top_k,
+                                                        tree.num_nodes)
         self.clock.switch("verify")
         mask, depth = tree_metadata(parents)
         target_lens = self._lens([n - 1 for n in self.root_lens])
@@ -485,7 +541,8 @@ class _Run:
             out, path, num_accepted = tree_verify_greedy(logits, tree_tokens, parents)
         else:
             out, path, num_accepted = tree_verify(self._warp(logits), tree_tokens, parents,
-                                                  seeds=self.seeds, positions=target_lens.long())
+                                                  draft_probs=draft_probs, seeds=self.seeds,
+                                                  positions=target_lens.long())
         kv_commit(self.cache.tensors(), target_lens, path, num_accepted)
         out_list, accepted = out.tolist(), num_accepted.tolist()
         self._record(tree.depth, [tree.depth] * self.batch, accepted)
@@ -531,7 +588,7 @@ class _Run:
 
 def generate(target: torch.nn.Module, input_ids: Tensor, *, draft=None,
              attention_mask: Tensor | None = None, max_new_tokens: int,
-             num_draft_tokens: int | None = None, tree: DynamicTree | None = None,
+             num_draft_tokens: int | None = None, tree: DynamicTree | StaticTree | None = None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              eos_token_id: int | Sequence[int] | None = None,
              stop_strings: Sequence[str] | None = None, tokenizer=None,
@@ -547,7 +604,7 @@ def generate(target: torch.nn.Module, input_ids: Tensor, *, draft=None,
             :class:`PromptLookup` or :class:`Hybrid`.
         max_new_tokens: most new tokens per row.
         num_draft_tokens: fixed draft length, or None for the cost-aware controller.
-        tree: a :class:`DynamicTree` for tree drafting.
+        tree: a :class:`DynamicTree` or :class:`StaticTree` for tree drafting.
         temperature, top_k, top_p, seed: sampling (``temperature=0``: greedy). Row ``b``
             uses seed ``seed + b``.
         eos_token_id, stop_strings, tokenizer: where rows end.
@@ -567,5 +624,6 @@ def generate(target: torch.nn.Module, input_ids: Tensor, *, draft=None,
 
 
 # keep fit_vocab importable from here for engines that draft themselves
-__all__ = ["generate", "SpeculativeGenerator", "GenerationOutput", "DynamicTree", "Hybrid",
+__all__ = ["generate", "SpeculativeGenerator", "GenerationOutput", "DynamicTree", "StaticTree",
+           "Hybrid",
            "PromptLookup", "Proposer", "fit_vocab"]

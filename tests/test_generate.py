@@ -40,12 +40,14 @@ def drafters(target, draft):
             "chain-3": dict(draft=draft, num_draft_tokens=3),
             "chain-auto": dict(draft=draft),
             "tree": dict(draft=draft, tree=specops.DynamicTree(depth=3, top_k=2, num_nodes=6)),
+            "static-tree": dict(draft=draft, tree=specops.StaticTree((2, 2, 1))),
             "lookup": dict(draft=specops.PromptLookup(max_ngram=2), num_draft_tokens=4),
             "hybrid": dict(draft=specops.Hybrid(draft, specops.PromptLookup(max_ngram=2)),
                            num_draft_tokens=3)}
 
 
-@pytest.mark.parametrize("method", ["plain", "chain-3", "chain-auto", "tree", "lookup", "hybrid"])
+@pytest.mark.parametrize("method", ["plain", "chain-3", "chain-auto", "tree", "static-tree",
+                                    "lookup", "hybrid"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_greedy_equals_target_generate(pair, method, side):
     target, draft = pair
@@ -58,7 +60,7 @@ def test_greedy_equals_target_generate(pair, method, side):
     for b, row in enumerate(rows):
         ours = out.sequences[b, ids.shape[1]:].tolist()
         assert_same_or_tie(target, row, ours, hf_greedy(target, row, NEW), f"{method} row {b}")
-    if method in ("chain-3", "tree"):
+    if method in ("chain-3", "tree", "static-tree"):
         # the noisy draft agrees often: speculation really happened
         assert out.stats.mean_emitted_per_step > 1.2, out.stats.summary()
 

@@ -77,6 +77,10 @@ def drafters(draft):
         "chain, cost-aware": dict(draft=draft, max_draft_tokens=3),
         "tree (top-k children, deterministic)": dict(
             draft=draft, tree=specops.DynamicTree(depth=2, top_k=2, num_nodes=5)),
+        "static tree (sampled children, real q)": dict(
+            draft=draft, tree=specops.StaticTree((2, 2))),
+        "static tree (top-k children)": dict(
+            draft=draft, tree=specops.StaticTree((3, 1), sampled=False)),
         "prompt lookup": dict(draft=specops.PromptLookup(max_ngram=2), num_draft_tokens=2),
         "hybrid": dict(draft=specops.Hybrid(draft, specops.PromptLookup(max_ngram=2),
                                             min_match=2), num_draft_tokens=2),
