@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .graphs import GraphedStep
 from .models import SpecopsCausalLM
 from .tree_ops import tree_metadata
 from .trees import grow_tree
@@ -46,9 +47,11 @@ class DraftRunner:
         batch_size, capacity: of its static cache (``capacity`` >= the longest row plus the
             largest draft or tree the loop asks for).
         vocab_size: the target's vocabulary size (logits are fitted to it).
+        graphs: replay the one-token step from a CUDA graph (:mod:`specops.graphs`).
     """
 
-    def __init__(self, model: SpecopsCausalLM, batch_size: int, capacity: int, vocab_size: int):
+    def __init__(self, model: SpecopsCausalLM, batch_size: int, capacity: int, vocab_size: int,
+                 graphs: bool = False):
         self.model = model
         self.cache = model.new_cache(batch_size, capacity)
         self.vocab_size = vocab_size
@@ -58,6 +61,13 @@ class DraftRunner:
         # is larger) is fed as the draft's last id: its guesses after it are worse, but
         # verification keeps the output exact.
         self.max_token = model.vocab_size - 1
+        cache = self.cache
+
+        def one_token(token, lens, positions):
+            return model(token, cache, lens, positions)
+
+        # the autoregressive one-token step, the same shape every time: graphed on CUDA
+        self._one_token = GraphedStep(one_token) if graphs else one_token
 
     def _lens(self, values: list[int]) -> Tensor:
         return torch.tensor(values, dtype=torch.int32, device=self.device)
@@ -115,7 +125,7 @@ class DraftRunner:
 
     def _feed_tokens(self, token: Tensor) -> Tensor:
         lens = self._lens(self.cached)
-        logits = self.model(token[:, None], self.cache, lens, lens.long()[:, None])
+        logits = self._one_token(token[:, None], lens, lens.long()[:, None])
         self.cached = [c + 1 for c in self.cached]
         return fit_vocab(logits[:, 0], self.vocab_size)
 

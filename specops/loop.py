@@ -26,6 +26,7 @@ from torch import Tensor
 from . import ops
 from .controller import CostModel, DraftLengthController
 from .draft_model import DraftRunner, fit_vocab
+from .graphs import GraphedStep
 from .kv_ops import kv_commit
 from .models import SpecopsCausalLM, causal_lm
 from .prompt_lookup import PromptLookup
@@ -163,6 +164,9 @@ class SpeculativeGenerator:
             ``tokenizer``); the token completing it is kept.
         tokenizer, draft_tokenizer: when both are given, their vocabularies must match.
         pad_token_id: fills ``sequences`` after a row's end.
+        cuda_graphs: on CUDA, replay the target's verify step and the draft's one-token
+            step from CUDA graphs captured once per shape (:mod:`specops.graphs`). Off by
+            default until it has been verified on a GPU; ignored on other devices.
     """
 
     def __init__(self, target: torch.nn.Module, draft=None, *, num_draft_tokens: int | None = None,
@@ -170,7 +174,7 @@ class SpeculativeGenerator:
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  eos_token_id: int | Sequence[int] | None = None,
                  stop_strings: Sequence[str] | None = None, tokenizer=None, draft_tokenizer=None,
-                 pad_token_id: int | None = None):
+                 pad_token_id: int | None = None, cuda_graphs: bool = False):
         self.target = causal_lm(target)
         self.lookup: Proposer | None = None
         self.draft: SpecopsCausalLM | None = None
@@ -217,6 +221,7 @@ class SpeculativeGenerator:
         self.pad_token_id = pad_token_id if pad_token_id is not None else min(self.eos, default=0)
         self.controller: DraftLengthController | None = None
         self.cost: CostModel | None = None
+        self.cuda_graphs = bool(cuda_graphs)
 
     @staticmethod
     def _check_draft(target, draft, tokenizer, draft_tokenizer) -> SpecopsCausalLM:
@@ -301,8 +306,16 @@ class _Run:
         lookahead = (tree.num_nodes if tree else gen.max_draft_tokens + 1) + 1
         self.capacity = max(self.prompt_lens) + max_new_tokens + lookahead
         self.cache = gen.target.new_cache(self.batch, self.capacity)
-        self.draft = (DraftRunner(gen.draft, self.batch, self.capacity, gen.target.vocab_size)
+        graphs = gen.cuda_graphs and self.device.type == "cuda"
+        self.draft = (DraftRunner(gen.draft, self.batch, self.capacity, gen.target.vocab_size,
+                                  graphs=graphs)
                       if gen.draft is not None else None)
+        cache, target = self.cache, gen.target
+
+        def verify_forward(tokens, lens, positions, mask=None):
+            return target(tokens, cache, lens, positions, mask)
+
+        self.verify_forward = GraphedStep(verify_forward) if graphs else verify_forward
         self.seeds = gen.seed + torch.arange(self.batch, dtype=torch.int64, device=self.device)
         self.stats = GenerationStats()
         self.clock = PhaseClock(self.device)
@@ -462,7 +475,7 @@ class _Run:
         roots = torch.tensor([r[-1] for r in self.rows], dtype=torch.int64, device=self.device)
         inputs = torch.cat([roots[:, None], tokens], 1)
         positions = target_lens.long()[:, None] + torch.arange(num_draft + 1, device=self.device)
-        logits = gen.target(inputs, self.cache, target_lens, positions)
+        logits = self.verify_forward(inputs, target_lens, positions)
         lens_tensor = self._lens(draft_lens)
         if self.greedy:
             out, num_accepted = ops.chain_verify_greedy(logits, tokens, lens_tensor)
@@ -536,7 +549,7 @@ class _Run:
         mask, depth = tree_metadata(parents)
         target_lens = self._lens([n - 1 for n in self.root_lens])
         positions = target_lens.long()[:, None] + depth.long()
-        logits = gen.target(tree_tokens, self.cache, target_lens, positions, mask)
+        logits = self.verify_forward(tree_tokens, target_lens, positions, mask)
         if self.greedy:
             out, path, num_accepted = tree_verify_greedy(logits, tree_tokens, parents)
         else:
@@ -593,7 +606,8 @@ def generate(target: torch.nn.Module, input_ids: Tensor, *, draft=None,
              eos_token_id: int | Sequence[int] | None = None,
              stop_strings: Sequence[str] | None = None, tokenizer=None,
              streamer: Callable[[list[list[int]]], None] | None = None,
-             max_draft_tokens: int = 8, **unsupported) -> GenerationOutput:
+             max_draft_tokens: int = 8, cuda_graphs: bool = False,
+             **unsupported) -> GenerationOutput:
     """Speculative generation: the target's output distribution, faster.
 
     Args:
@@ -609,6 +623,7 @@ def generate(target: torch.nn.Module, input_ids: Tensor, *, draft=None,
             uses seed ``seed + b``.
         eos_token_id, stop_strings, tokenizer: where rows end.
         streamer: called after every step with each row's new tokens (``list[list[int]]``).
+        cuda_graphs: see :class:`SpeculativeGenerator`.
 
     Returns:
         :class:`GenerationOutput`. Options of Hugging Face's ``generate`` that this loop
@@ -618,7 +633,8 @@ def generate(target: torch.nn.Module, input_ids: Tensor, *, draft=None,
     generator = SpeculativeGenerator(
         target, draft, num_draft_tokens=num_draft_tokens, max_draft_tokens=max_draft_tokens,
         tree=tree, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-        eos_token_id=eos_token_id, stop_strings=stop_strings, tokenizer=tokenizer)
+        eos_token_id=eos_token_id, stop_strings=stop_strings, tokenizer=tokenizer,
+        cuda_graphs=cuda_graphs)
     return generator.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens,
                               streamer=streamer)
 
