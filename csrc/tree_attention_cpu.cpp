@@ -21,6 +21,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -85,6 +86,70 @@ SPECOPS_INLINE void accumulate_values(float* acc, float alpha, const float* weig
   }
 }
 
+// 16 consecutive elements as floats (a plain load for float; a widening loop otherwise).
+template <class T>
+SPECOPS_INLINE Vec16 load16_as_float(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return load16(p);
+  } else {
+    float x[kVec];
+    for (int i = 0; i < kVec; ++i) x[i] = static_cast<float>(p[i]);
+    return load16(x);
+  }
+}
+
+// One round of transpose16: element (i, c) with bit S of i clear and of c set trades places
+// with (i + S, c - S), i.e. the S x S blocks off the diagonal swap. Indices 16..31 pick from
+// the second operand (row i + S).
+typedef int32_t Idx16 __attribute__((vector_size(64)));
+template <int S>
+SPECOPS_INLINE void transpose16_round(Vec16 (&r)[kVec], Idx16 keep_low, Idx16 keep_high) {
+#pragma GCC unroll 16
+  for (int i = 0; i < kVec; ++i) {
+    if (i & S) continue;
+    const Vec16 a = r[i], b = r[i + S];
+    r[i] = __builtin_shuffle(a, b, keep_low);       // c & S ? b[c - S] : a[c]
+    r[i + S] = __builtin_shuffle(a, b, keep_high);  // c & S ? b[c] : a[c + S]
+  }
+}
+
+// In place transpose of the 16 x 16 floats in r (row t = r[t]): four rounds of 16 two-vector
+// shuffles, everything in registers.
+SPECOPS_INLINE void transpose16(Vec16 (&r)[kVec]) {
+  transpose16_round<8>(r, Idx16{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                       Idx16{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+  transpose16_round<4>(r, Idx16{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                       Idx16{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+  transpose16_round<2>(r, Idx16{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                       Idx16{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+  transpose16_round<1>(r, Idx16{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+                       Idx16{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+}
+
+// kt[d * kBlockSlots + j] = k_rows[j][d] for the n <= kBlockSlots rows of a block: 16 x 16
+// tiles through vector shuffles (element-wise strided stores cost about one cycle each, and
+// with few query rows that was most of a block's time); a head dim tail element by element.
+template <class T>
+SPECOPS_INLINE void transpose_keys(const T* const* k_rows, int64_t n, int64_t dim, float* kt) {
+  const int64_t dim16 = dim / kVec * kVec;
+  for (int64_t j0 = 0; j0 < n; j0 += kVec) {
+    const int64_t count = std::min<int64_t>(kVec, n - j0);
+    for (int64_t d0 = 0; d0 < dim16; d0 += kVec) {
+      Vec16 r[kVec];
+#pragma GCC unroll 16
+      for (int t = 0; t < kVec; ++t) {
+        r[t] = t < count ? load16_as_float(k_rows[j0 + t] + d0) : Vec16{};
+      }
+      transpose16(r);
+#pragma GCC unroll 16
+      for (int t = 0; t < kVec; ++t) store16(kt + (d0 + t) * kBlockSlots + j0, r[t]);
+    }
+    for (int64_t j = j0; j < j0 + count; ++j) {
+      for (int64_t d = dim16; d < dim; ++d) kt[d * kBlockSlots + j] = static_cast<float>(k_rows[j][d]);
+    }
+  }
+}
+
 // One block of n <= kBlockSlots slots starting at `slot0`, for all `rows` query rows of the
 // tile. `tree_j0 >= 0` marks a tree block (slot slot0 + j holds node tree_j0 + j), where the
 // mask applies; the prefix (tree_j0 < 0) is open to every node.
@@ -95,14 +160,13 @@ SPECOPS_INLINE void attend_block(const Problem<T>& p, Scratch& w, int64_t b, int
   const int64_t dim = kD > 0 ? kD : p.head_dim;
   float* kt = w.kt.data();  // [D, kBlockSlots]: K transposed, so scores vectorise over slots
   float* v = w.v.data();    // [kBlockSlots, D]
+  const T* k_rows[kBlockSlots];
   for (int64_t j = 0; j < n; ++j) {
-    const T* k_row = p.k.row(b, kv_head, slot0 + j);
+    k_rows[j] = p.k.row(b, kv_head, slot0 + j);
     const T* v_row = p.v.row(b, kv_head, slot0 + j);
-    for (int64_t d = 0; d < dim; ++d) {
-      kt[d * kBlockSlots + j] = static_cast<float>(k_row[d]);
-      v[j * dim + d] = static_cast<float>(v_row[d]);
-    }
+    for (int64_t d = 0; d < dim; ++d) v[j * dim + d] = static_cast<float>(v_row[d]);
   }
+  transpose_keys(k_rows, n, dim, kt);
   constexpr int kRowBlock = 4;
   float dots[kRowBlock][kBlockSlots];
   for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
