@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -336,8 +337,12 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   int64_t tile = std::max<int64_t>(1, (wide ? kWideMaxRows : kMaxTileRows) / p.group);
   tile = std::min(tile, std::max<int64_t>(1, (p.num_nodes + wanted_tiles - 1) / wanted_tiles));
   tile = std::min(tile, p.num_nodes);
-  const int64_t tiles = (p.num_nodes + tile - 1) / tile;
-  at::parallel_for(0, heads * tiles, 1, [&](int64_t lo, int64_t hi) {
+  const int64_t tiles = (p.num_nodes + tile - 1) / tile, num_tasks = heads * tiles;
+  // Threads take tasks from a shared counter rather than fixed ranges: on a machine shared
+  // with other work, a thread that gets less CPU time then takes fewer tasks.
+  std::atomic<int64_t> next_task{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), num_tasks), 1,
+                   [&](int64_t, int64_t) {
     std::optional<Scratch> narrow_scratch;
     std::optional<WideScratch> wide_scratch;
     if (wide) {
@@ -345,7 +350,7 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     } else {
       narrow_scratch.emplace(tile * p.group, p.head_dim);
     }
-    for (int64_t task = lo; task < hi; ++task) {
+    for (int64_t task; (task = next_task.fetch_add(1)) < num_tasks;) {
       const int64_t b = task / (num_kv_heads * tiles);
       const int64_t kv_head = task / tiles % num_kv_heads;
       const int64_t node_begin = task % tiles * tile;
