@@ -17,65 +17,26 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && \
-    defined(__linux__)
-#define SPECOPS_CPU_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SPECOPS_CPU_CLONES
-#endif
-#define SPECOPS_INLINE __attribute__((always_inline)) inline
-// Vec16 values only cross always-inlined calls, so the ABI note GCC makes about them is moot.
-#pragma GCC diagnostic ignored "-Wpsabi"
+#include "tree_attention_cpu.h"
+#include "tree_attention_wide_cpu.h"
 
 namespace specops {
 namespace {
 
+using namespace tree_attention_kernels;
 constexpr const char* kOp = "tree_attention";
 constexpr int64_t kBlockSlots = 32;   // key/value slots per step of the online softmax
 constexpr int64_t kMaxTileRows = 128;  // query rows (nodes x grouped heads) per task
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// Slot `slot` of row b, kv head `head`, in either cache layout; the last dim is contiguous.
-template <class T>
-struct CacheView {
-  const T* base = nullptr;
-  int64_t stride_outer = 0;  // contiguous [B, Hkv, S, D]: per row b; paged: per block
-  int64_t stride_slot = 0;   // contiguous: per slot; paged: per offset in a block
-  int64_t stride_head = 0;
-  const int32_t* block_table = nullptr;  // [B, max_blocks], contiguous; null when contiguous
-  int64_t max_blocks = 0, block_size = 1, num_blocks = 1;
-
-  const T* row(int64_t b, int64_t head, int64_t slot) const {
-    if (block_table == nullptr) {
-      return base + b * stride_outer + slot * stride_slot + head * stride_head;
-    }
-    // Clamped: with checks off an out-of-range entry reads a block of the cache, never past it.
-    const int64_t entry = block_table[b * max_blocks + slot / block_size];
-    const int64_t block = std::min<int64_t>(std::max<int64_t>(entry, 0), num_blocks - 1);
-    return base + block * stride_outer + (slot % block_size) * stride_slot + head * stride_head;
-  }
-};
-
-template <class T>
-struct Problem {
-  const T* q = nullptr;  // [B, T, H, D], last dim contiguous
-  int64_t q_stride_b = 0, q_stride_t = 0, q_stride_h = 0;
-  CacheView<T> k, v;
-  const bool* mask = nullptr;     // [B, T, T], contiguous
-  const int64_t* prefix = nullptr;  // [B], cache_lens clamped to 0..capacity - T
-  T* out = nullptr;               // [B, T, H, D], contiguous
-  int64_t num_nodes = 0, num_heads = 0, group = 0, head_dim = 0;
-  float scale = 1.0f;
-};
+static_assert(kBlockSlots % kVec == 0, "a block is a whole number of vectors");
 
 // Per-thread buffers, sized for the largest tile.
 struct Scratch {
@@ -84,40 +45,6 @@ struct Scratch {
       : q(rows * head_dim), acc(rows * head_dim), kt(head_dim * kBlockSlots),
         v(kBlockSlots * head_dim), s(rows * kBlockSlots), m(rows), l(rows) {}
 };
-
-// exp(x) for x <= 0 (a score minus a running max) in a form compilers vectorise: Cephes'
-// expf, relative error below 2e-7; x below -87 (and -inf, a masked slot) gives exactly 0.
-SPECOPS_INLINE float exp_nonpositive(float x) {
-  constexpr float kLog2e = 1.44269504088896341f, kRound = 12582912.0f;  // 1.5 * 2^23
-  const float clamped = std::max(x, -87.0f);
-  const float n = (clamped * kLog2e + kRound) - kRound;  // round to nearest, no libm call
-  float r = clamped - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in -126..0
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.0f ? 0.0f : y * scale;
-}
-
-// 16 floats: one AVX-512 register, two AVX2 ones. GCC/Clang vector extensions keep the
-// accumulators below in registers where plain arrays were spilled to memory on every step.
-typedef float Vec16 __attribute__((vector_size(64)));
-constexpr int64_t kVec = 16;
-static_assert(kBlockSlots % kVec == 0, "a block is a whole number of vectors");
-
-SPECOPS_INLINE Vec16 load16(const float* p) {
-  Vec16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-SPECOPS_INLINE void store16(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(v)); }
 
 // dots[i][j] = q_i . k_j for kRows query rows and the kBlockSlots slots of kt [D,
 // kBlockSlots]: each K vector loaded serves kRows rows.
@@ -160,6 +87,70 @@ SPECOPS_INLINE void accumulate_values(float* acc, float alpha, const float* weig
   }
 }
 
+// 16 consecutive elements as floats (a plain load for float; a widening loop otherwise).
+template <class T>
+SPECOPS_INLINE Vec16 load16_as_float(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return load16(p);
+  } else {
+    float x[kVec];
+    for (int i = 0; i < kVec; ++i) x[i] = static_cast<float>(p[i]);
+    return load16(x);
+  }
+}
+
+// One round of transpose16: element (i, c) with bit S of i clear and of c set trades places
+// with (i + S, c - S), i.e. the S x S blocks off the diagonal swap. Indices 16..31 pick from
+// the second operand (row i + S).
+typedef int32_t Idx16 __attribute__((vector_size(64)));
+template <int S>
+SPECOPS_INLINE void transpose16_round(Vec16 (&r)[kVec], Idx16 keep_low, Idx16 keep_high) {
+#pragma GCC unroll 16
+  for (int i = 0; i < kVec; ++i) {
+    if (i & S) continue;
+    const Vec16 a = r[i], b = r[i + S];
+    r[i] = __builtin_shuffle(a, b, keep_low);       // c & S ? b[c - S] : a[c]
+    r[i + S] = __builtin_shuffle(a, b, keep_high);  // c & S ? b[c] : a[c + S]
+  }
+}
+
+// In place transpose of the 16 x 16 floats in r (row t = r[t]): four rounds of 16 two-vector
+// shuffles, everything in registers.
+SPECOPS_INLINE void transpose16(Vec16 (&r)[kVec]) {
+  transpose16_round<8>(r, Idx16{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                       Idx16{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+  transpose16_round<4>(r, Idx16{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                       Idx16{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+  transpose16_round<2>(r, Idx16{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                       Idx16{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+  transpose16_round<1>(r, Idx16{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+                       Idx16{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+}
+
+// kt[d * kBlockSlots + j] = k_rows[j][d] for the n <= kBlockSlots rows of a block: 16 x 16
+// tiles through vector shuffles (element-wise strided stores cost about one cycle each, and
+// with few query rows that was most of a block's time); a head dim tail element by element.
+template <class T>
+SPECOPS_INLINE void transpose_keys(const T* const* k_rows, int64_t n, int64_t dim, float* kt) {
+  const int64_t dim16 = dim / kVec * kVec;
+  for (int64_t j0 = 0; j0 < n; j0 += kVec) {
+    const int64_t count = std::min<int64_t>(kVec, n - j0);
+    for (int64_t d0 = 0; d0 < dim16; d0 += kVec) {
+      Vec16 r[kVec];
+#pragma GCC unroll 16
+      for (int t = 0; t < kVec; ++t) {
+        r[t] = t < count ? load16_as_float(k_rows[j0 + t] + d0) : Vec16{};
+      }
+      transpose16(r);
+#pragma GCC unroll 16
+      for (int t = 0; t < kVec; ++t) store16(kt + (d0 + t) * kBlockSlots + j0, r[t]);
+    }
+    for (int64_t j = j0; j < j0 + count; ++j) {
+      for (int64_t d = dim16; d < dim; ++d) kt[d * kBlockSlots + j] = static_cast<float>(k_rows[j][d]);
+    }
+  }
+}
+
 // One block of n <= kBlockSlots slots starting at `slot0`, for all `rows` query rows of the
 // tile. `tree_j0 >= 0` marks a tree block (slot slot0 + j holds node tree_j0 + j), where the
 // mask applies; the prefix (tree_j0 < 0) is open to every node.
@@ -170,14 +161,13 @@ SPECOPS_INLINE void attend_block(const Problem<T>& p, Scratch& w, int64_t b, int
   const int64_t dim = kD > 0 ? kD : p.head_dim;
   float* kt = w.kt.data();  // [D, kBlockSlots]: K transposed, so scores vectorise over slots
   float* v = w.v.data();    // [kBlockSlots, D]
+  const T* k_rows[kBlockSlots];
   for (int64_t j = 0; j < n; ++j) {
-    const T* k_row = p.k.row(b, kv_head, slot0 + j);
+    k_rows[j] = p.k.row(b, kv_head, slot0 + j);
     const T* v_row = p.v.row(b, kv_head, slot0 + j);
-    for (int64_t d = 0; d < dim; ++d) {
-      kt[d * kBlockSlots + j] = static_cast<float>(k_row[d]);
-      v[j * dim + d] = static_cast<float>(v_row[d]);
-    }
+    for (int64_t d = 0; d < dim; ++d) v[j * dim + d] = static_cast<float>(v_row[d]);
   }
+  transpose_keys(k_rows, n, dim, kt);
   constexpr int kRowBlock = 4;
   float dots[kRowBlock][kBlockSlots];
   for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
@@ -338,21 +328,38 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   p.group = p.num_heads / num_kv_heads;
   p.scale = scale;
 
-  // Node tiles: at most kMaxTileRows query rows, and small enough that B=1 still gives every
-  // thread a few tasks. Rows do not interact, so the tiling never changes a result.
+  // Node tiles: at most kMaxTileRows (kWideMaxRows) query rows, and small enough that B=1
+  // still gives every thread a few tasks. Rows do not interact, so the tiling never changes a
+  // result; which kernel runs depends on T, H/Hkv and D only, never on B or the threads.
+  const bool wide = p.head_dim % kTileA == 0 && p.num_nodes * p.group >= kWideMinRows;
   const int64_t heads = batch * num_kv_heads;
   const int64_t wanted_tiles = (4 * at::get_num_threads() + heads - 1) / heads;
-  int64_t tile = std::max<int64_t>(1, kMaxTileRows / p.group);
+  int64_t tile = std::max<int64_t>(1, (wide ? kWideMaxRows : kMaxTileRows) / p.group);
   tile = std::min(tile, std::max<int64_t>(1, (p.num_nodes + wanted_tiles - 1) / wanted_tiles));
   tile = std::min(tile, p.num_nodes);
-  const int64_t tiles = (p.num_nodes + tile - 1) / tile;
-  at::parallel_for(0, heads * tiles, 1, [&](int64_t lo, int64_t hi) {
-    Scratch w(tile * p.group, p.head_dim);
-    for (int64_t task = lo; task < hi; ++task) {
+  const int64_t tiles = (p.num_nodes + tile - 1) / tile, num_tasks = heads * tiles;
+  // Threads take tasks from a shared counter rather than fixed ranges: on a machine shared
+  // with other work, a thread that gets less CPU time then takes fewer tasks.
+  std::atomic<int64_t> next_task{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), num_tasks), 1,
+                   [&](int64_t, int64_t) {
+    std::optional<Scratch> narrow_scratch;
+    std::optional<WideScratch> wide_scratch;
+    if (wide) {
+      wide_scratch.emplace(round_up(tile * p.group, kWideLanes), p.head_dim);
+    } else {
+      narrow_scratch.emplace(tile * p.group, p.head_dim);
+    }
+    for (int64_t task; (task = next_task.fetch_add(1)) < num_tasks;) {
       const int64_t b = task / (num_kv_heads * tiles);
       const int64_t kv_head = task / tiles % num_kv_heads;
       const int64_t node_begin = task % tiles * tile;
-      attend_tile_dispatch(p, w, b, kv_head, node_begin, std::min(node_begin + tile, p.num_nodes));
+      const int64_t node_end = std::min(node_begin + tile, p.num_nodes);
+      if (wide) {
+        wide_tile_dispatch(p, *wide_scratch, b, kv_head, node_begin, node_end);
+      } else {
+        attend_tile_dispatch(p, *narrow_scratch, b, kv_head, node_begin, node_end);
+      }
     }
   });
 }

@@ -73,11 +73,13 @@ def random_mask(batch: int, num_nodes: int, gen: torch.Generator, ragged: bool =
 
 
 def make_case(batch, num_nodes, num_heads, num_kv_heads, head_dim, dtype, gen, *, paged=False,
-              block_size=16, max_prefix=70, spare=3, device="cpu", mask=None):
-    """Inputs of one call; row 0 has an empty prefix. Paged caches get shuffled blocks, -1
-    past the blocks a row uses, and spare blocks of noise."""
-    cache_lens = torch.randint(0, max_prefix + 1, (batch,), generator=gen, dtype=torch.int32)
-    cache_lens[0] = 0
+              block_size=16, max_prefix=70, spare=3, device="cpu", mask=None, cache_lens=None):
+    """Inputs of one call; row 0 has an empty prefix (unless ``cache_lens`` [B] is given).
+    Paged caches get shuffled blocks, -1 past the blocks a row uses, and spare blocks of
+    noise."""
+    if cache_lens is None:
+        cache_lens = torch.randint(0, max_prefix + 1, (batch,), generator=gen, dtype=torch.int32)
+        cache_lens[0] = 0
     capacity = int(cache_lens.max()) + num_nodes + spare
     q = torch.randn(batch, num_nodes, num_heads, head_dim, generator=gen).to(dtype)
     k = torch.randn(batch, num_kv_heads, capacity, head_dim, generator=gen).to(dtype)
@@ -184,6 +186,33 @@ def test_cpu_kernel_grid(dtype, paged, head_dim, group):
     gen = torch.Generator().manual_seed(head_dim + group)
     case = make_case(3, 33, 2 * group, 2, head_dim, dtype, gen, paged=paged, max_prefix=65)
     assert_close(OPS.tree_attention(*args(case)), tree_attention_ref(*args(case)))
+
+
+# The CPU kernel puts query rows across vector lanes (csrc/tree_attention_wide_cpu.h) from
+# T * H / Hkv = 16 rows when head_dim % 8 == 0, in tiles of up to 128 rows padded to 32 lanes,
+# over 64-slot blocks; below that, node tiles over 32-slot blocks.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("num_nodes, group, head_dim", [
+    (8, 4, 128),   # 32 rows: the 8B-model verification shape, one full tile
+    (4, 4, 64),    # 16 rows: the smallest wide tile, half of its lanes padding
+    (5, 3, 24),    # 15 rows: just below, node tiles
+    (33, 4, 128),  # 132 rows: a 128-row tile and a 4-row one
+    (20, 1, 40),   # group 1, a head dim of 5 tiles of 8
+    (9, 2, 12),    # head dim not a multiple of 8: node tiles
+])
+def test_cpu_kernel_wide_tiles_at_block_edges(dtype, paged, num_nodes, group, head_dim):
+    """Prefixes 0, 63, 64, 65, 127, 130 end just before, at and after the 64-slot blocks (the
+    tree block then straddles one); row 0's ragged tree leaves nodes that see nothing."""
+    gen = torch.Generator().manual_seed(num_nodes * group + head_dim)
+    lens = torch.tensor([0, 63, 64, 65, 127, 130], dtype=torch.int32)
+    case = make_case(6, num_nodes, 2 * group, 2, head_dim, dtype, gen, paged=paged,
+                     cache_lens=lens)
+    case["mask"][0, num_nodes // 2:] = False
+    out = OPS.tree_attention(*args(case))
+    assert_close(out, tree_attention_ref(*args(case)))
+    blind = ~case["mask"][0].any(-1)
+    assert torch.equal(out[0, blind], torch.zeros_like(out[0, blind]))
 
 
 @pytest.mark.parametrize("device", DEVICES)
