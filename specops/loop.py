@@ -403,17 +403,20 @@ class _Run:
         gen = self.gen
         if gen.cost is None:
             lens = self._lens([len(r) - 1 for r in self.rows])
+            # GPUs: the first call compiles kernels, keep the second; CPUs: one call each (a
+            # CPU forward costs up to a second; every step refines the estimate afterwards)
+            reps = 1 if self.device.type == "cpu" else 2
             verify = {}
             # 2 as well as the ends: fp32 CPU matmuls jump from 1 row to 2 and are flat after
             for n in sorted({1, 2, gen.max_draft_tokens + 1}):
                 verify[n] = min(self._time(lambda: self._target_forward_dummy(lens, n))
-                                for _ in range(2))
+                                for _ in range(reps))
             draft_cost = 0.0
             if self.draft is not None:
                 dlens = self._lens(self.draft.cached)
                 token = torch.zeros(self.batch, 1, dtype=torch.int64, device=self.device)
                 draft_cost = min(self._time(lambda: gen.draft(
-                    token, self.draft.cache, dlens, dlens.long()[:, None])) for _ in range(2))
+                    token, self.draft.cache, dlens, dlens.long()[:, None])) for _ in range(reps))
             gen.cost = CostModel(verify_seconds=verify, draft_step_seconds=draft_cost)
             gen.controller = DraftLengthController(gen.cost, gen.max_draft_tokens)
         self.controller = gen.controller
