@@ -86,7 +86,7 @@ struct Problem {
 // y[m, n0 + r] = x[m] . W[n0 + r] (+ bias) for the kH rows m of x at x, kR rows of W at n0.
 // Also prefetches, at each step, the same columns of rows `prefetch_rows` of `next` (the next
 // group of W rows), so that memory is read while the other tiles of x compute from cache.
-template <int kH, int kR, class V>
+template <int kH, int kR, bool kXInRegisters, class V>
 SPECOPS_INLINE void dot_tile(const Problem& p, const float* x, float* y, int64_t n0,
                              const float* next, int first_prefetch_row, int prefetch_step) {
   constexpr int L = kLanes<V>;
@@ -94,17 +94,25 @@ SPECOPS_INLINE void dot_tile(const Problem& p, const float* x, float* y, int64_t
   V acc[kH][kR] = {};
   const int64_t k_full = p.k - p.k % L;
   for (int64_t i = 0; i < k_full; i += L) {
-    // x vectors stay in registers while W streams: kH * kR + kH + 1 registers in all.
-    V xv[kH];
-    for (int m = 0; m < kH; ++m) xv[m] = load<V>(x + m * p.ldx + i);
     if (next != nullptr) {
       for (int r = first_prefetch_row; r < kR; r += prefetch_step) {
         __builtin_prefetch(next + r * p.ldw + i, 0, 1);  // to L2: L1 holds x and this group
       }
     }
-    for (int r = 0; r < kR; ++r) {
-      const V wv = load<V>(w + r * p.ldw + i);
-      for (int m = 0; m < kH; ++m) acc[m][r] += xv[m] * wv;
+    if constexpr (kXInRegisters) {  // kH x vectors held while the kR W vectors stream
+      V xv[kH];
+      for (int m = 0; m < kH; ++m) xv[m] = load<V>(x + m * p.ldx + i);
+      for (int r = 0; r < kR; ++r) {
+        const V wv = load<V>(w + r * p.ldw + i);
+        for (int m = 0; m < kH; ++m) acc[m][r] += xv[m] * wv;
+      }
+    } else {  // kR W vectors held while the kH x vectors stream
+      V wv[kR];
+      for (int r = 0; r < kR; ++r) wv[r] = load<V>(w + r * p.ldw + i);
+      for (int m = 0; m < kH; ++m) {
+        const V xv = load<V>(x + m * p.ldx + i);
+        for (int r = 0; r < kR; ++r) acc[m][r] += xv * wv[r];
+      }
     }
   }
   if (k_full < p.k) {  // K tail: W padded with zeros here, x already is
@@ -125,22 +133,22 @@ SPECOPS_INLINE void dot_tile(const Problem& p, const float* x, float* y, int64_t
   }
 }
 
-template <int kMaxH, int kR, class V>
+template <int kMaxH, int kR, bool kX, class V>
 SPECOPS_INLINE void dot_tile_any(const Problem& p, int64_t m0, int h, int64_t n0,
                                  const float* next, int first_prefetch_row, int prefetch_step) {
   const float* x = p.x + m0 * p.ldx;
   float* y = p.y + m0 * p.n;
   switch (h) {
-    case 1: dot_tile<1, kR, V>(p, x, y, n0, next, first_prefetch_row, prefetch_step); break;
-    case 2: dot_tile<2, kR, V>(p, x, y, n0, next, first_prefetch_row, prefetch_step); break;
+    case 1: dot_tile<1, kR, kX, V>(p, x, y, n0, next, first_prefetch_row, prefetch_step); break;
+    case 2: dot_tile<2, kR, kX, V>(p, x, y, n0, next, first_prefetch_row, prefetch_step); break;
     case 3:
       if constexpr (kMaxH >= 3) {
-        dot_tile<3, kR, V>(p, x, y, n0, next, first_prefetch_row, prefetch_step);
+        dot_tile<3, kR, kX, V>(p, x, y, n0, next, first_prefetch_row, prefetch_step);
       }
       break;
     case 4:
       if constexpr (kMaxH >= 4) {
-        dot_tile<4, kR, V>(p, x, y, n0, next, first_prefetch_row, prefetch_step);
+        dot_tile<4, kR, kX, V>(p, x, y, n0, next, first_prefetch_row, prefetch_step);
       }
       break;
     default: break;
@@ -153,7 +161,7 @@ SPECOPS_INLINE void dot_tile_any(const Problem& p, int64_t m0, int h, int64_t n0
 // columns. The first tile reads the group from memory and the others from cache (kR * K
 // floats: L1 or L2), so W is read from memory once, while each tile prefetches a share of the
 // next group's rows.
-template <int kMaxH, int kR, class V>
+template <int kMaxH, int kR, bool kX, class V>
 SPECOPS_INLINE void columns_impl(const Problem& p, int64_t n0, int64_t n1) {
   const int64_t num_tiles = (p.num_rows + kMaxH - 1) / kMaxH;
   // Tiles of near-equal height: M = 7 is 3 + 2 + 2 rather than 3 + 3 + 1.
@@ -166,7 +174,7 @@ SPECOPS_INLINE void columns_impl(const Problem& p, int64_t n0, int64_t n1) {
     for (int64_t t = 0; t < num_tiles; ++t) {
       const int h = static_cast<int>(base + (t < extra ? 1 : 0));
       const int first = static_cast<int>(t < kR ? t : kR);  // kR: this tile prefetches nothing
-      dot_tile_any<kMaxH, kR, V>(p, m0, h, n, next, first, step);
+      dot_tile_any<kMaxH, kR, kX, V>(p, m0, h, n, next, first, step);
       m0 += h;
     }
   }
@@ -174,22 +182,23 @@ SPECOPS_INLINE void columns_impl(const Problem& p, int64_t n0, int64_t n1) {
     int64_t m0 = 0;
     for (int64_t t = 0; t < num_tiles; ++t) {
       const int h = static_cast<int>(base + (t < extra ? 1 : 0));
-      dot_tile_any<kMaxH, 1, V>(p, m0, h, n, nullptr, 0, 1);
+      dot_tile_any<kMaxH, 1, kX, V>(p, m0, h, n, nullptr, 0, 1);
       m0 += h;
     }
   }
 }
 
-// Tiles measured on an AVX-512 EPYC (32 registers): 3 x 8 (24 accumulators) is fastest up to
-// 12 rows, where more W rows per x load shorten the steps that reread W from cache; 4 x 6 from
-// 13 rows (M = 16: four tiles rather than six). AVX2 has 16 registers: 2 x 4 with Vec8.
+// Tiles and loop order measured on an AVX-512 EPYC (32 registers), in the whole Qwen2.5-1.5B
+// forward: up to 6 rows, 3 x 8 tiles with the x vectors held in registers (T = 5: 0.93x the
+// time of 4 x 6); from 7 rows, 4 x 6 tiles with the W vectors held (T = 9: 0.85x the time of
+// either alternative). AVX2 has 16 registers: 2 x 4 with Vec8.
 SPECOPS_CPU_CLONES void columns(const Problem& p, int64_t n0, int64_t n1, bool wide) {
-  if (wide && p.num_rows <= 12) {
-    columns_impl<3, 8, Vec16>(p, n0, n1);
+  if (wide && p.num_rows <= 6) {
+    columns_impl<3, 8, true, Vec16>(p, n0, n1);
   } else if (wide) {
-    columns_impl<4, 6, Vec16>(p, n0, n1);
+    columns_impl<4, 6, false, Vec16>(p, n0, n1);
   } else {
-    columns_impl<2, 4, Vec8>(p, n0, n1);
+    columns_impl<2, 4, false, Vec8>(p, n0, n1);
   }
 }
 
