@@ -86,7 +86,7 @@ struct Problem {
 // y[m, n0 + r] = x[m] . W[n0 + r] (+ bias) for the kH rows m of x at x, kR rows of W at n0.
 // Also prefetches, at each step, the same columns of rows `prefetch_rows` of `next` (the next
 // group of W rows), so that memory is read while the other tiles of x compute from cache.
-template <int kH, int kR, bool kXInRegisters, class V>
+template <int kH, int kR, class V>
 SPECOPS_INLINE void dot_tile(const Problem& p, const float* x, float* y, int64_t n0,
                              const float* next, int first_prefetch_row, int prefetch_step) {
   constexpr int L = kLanes<V>;
@@ -94,25 +94,16 @@ SPECOPS_INLINE void dot_tile(const Problem& p, const float* x, float* y, int64_t
   V acc[kH][kR] = {};
   const int64_t k_full = p.k - p.k % L;
   for (int64_t i = 0; i < k_full; i += L) {
+    V wv[kR];
+    for (int r = 0; r < kR; ++r) wv[r] = load<V>(w + r * p.ldw + i);
     if (next != nullptr) {
       for (int r = first_prefetch_row; r < kR; r += prefetch_step) {
         __builtin_prefetch(next + r * p.ldw + i, 0, 1);  // to L2: L1 holds x and this group
       }
     }
-    if constexpr (kXInRegisters) {  // kH x vectors held while the kR W vectors stream
-      V xv[kH];
-      for (int m = 0; m < kH; ++m) xv[m] = load<V>(x + m * p.ldx + i);
-      for (int r = 0; r < kR; ++r) {
-        const V wv = load<V>(w + r * p.ldw + i);
-        for (int m = 0; m < kH; ++m) acc[m][r] += xv[m] * wv;
-      }
-    } else {  // kR W vectors held while the kH x vectors stream
-      V wv[kR];
-      for (int r = 0; r < kR; ++r) wv[r] = load<V>(w + r * p.ldw + i);
-      for (int m = 0; m < kH; ++m) {
-        const V xv = load<V>(x + m * p.ldx + i);
-        for (int r = 0; r < kR; ++r) acc[m][r] += xv * wv[r];
-      }
+    for (int m = 0; m < kH; ++m) {
+      const V xv = load<V>(x + m * p.ldx + i);
+      for (int r = 0; r < kR; ++r) acc[m][r] += xv * wv[r];
     }
   }
   if (k_full < p.k) {  // K tail: W padded with zeros here, x already is
@@ -133,38 +124,52 @@ SPECOPS_INLINE void dot_tile(const Problem& p, const float* x, float* y, int64_t
   }
 }
 
-template <int kMaxH, int kR, bool kX, class V>
+// Register tiles: kMaxH rows of x by kR rows of W, so that kMaxH * kR accumulators, kR W
+// vectors and one x vector fit the register file: 32 registers with AVX-512 (Vec16), 16 with
+// AVX2 (Vec8). Each step of a tile loads kR + kH vectors for kH * kR FMAs.
+template <class V>
+struct Tiling;
+template <>
+struct Tiling<Vec16> {
+  static constexpr int kMaxH = 4, kR = 6;
+};
+template <>
+struct Tiling<Vec8> {
+  static constexpr int kMaxH = 2, kR = 4;
+};
+
+template <int kR, class V>
 SPECOPS_INLINE void dot_tile_any(const Problem& p, int64_t m0, int h, int64_t n0,
                                  const float* next, int first_prefetch_row, int prefetch_step) {
   const float* x = p.x + m0 * p.ldx;
   float* y = p.y + m0 * p.n;
+  constexpr int kMaxH = Tiling<V>::kMaxH;
   switch (h) {
-    case 1: dot_tile<1, kR, kX, V>(p, x, y, n0, next, first_prefetch_row, prefetch_step); break;
-    case 2: dot_tile<2, kR, kX, V>(p, x, y, n0, next, first_prefetch_row, prefetch_step); break;
+    case 1: dot_tile<1, kR, V>(p, x, y, n0, next, first_prefetch_row, prefetch_step); break;
+    case 2: dot_tile<2, kR, V>(p, x, y, n0, next, first_prefetch_row, prefetch_step); break;
     case 3:
       if constexpr (kMaxH >= 3) {
-        dot_tile<3, kR, kX, V>(p, x, y, n0, next, first_prefetch_row, prefetch_step);
+        dot_tile<3, kR, V>(p, x, y, n0, next, first_prefetch_row, prefetch_step);
       }
       break;
     case 4:
       if constexpr (kMaxH >= 4) {
-        dot_tile<4, kR, kX, V>(p, x, y, n0, next, first_prefetch_row, prefetch_step);
+        dot_tile<4, kR, V>(p, x, y, n0, next, first_prefetch_row, prefetch_step);
       }
       break;
     default: break;
   }
 }
 
-// Output columns [n0, n1) for every row of x, in register tiles of up to kMaxH rows of x by kR
-// rows of W (kMaxH * kR accumulators + kMaxH x vectors + one W vector must fit the register
-// file). Rows of W go kR at a time; for each group, every tile of x rows walks the group's K
-// columns. The first tile reads the group from memory and the others from cache (kR * K
-// floats: L1 or L2), so W is read from memory once, while each tile prefetches a share of the
-// next group's rows.
-template <int kMaxH, int kR, bool kX, class V>
+// Output columns [n0, n1) for every row of x. Rows of W go kR at a time; for each group, every
+// tile of x rows walks the group's K columns. The first tile reads the group from memory and
+// the others from cache (kR * K floats: L1 or L2), so W is read from memory once, while each
+// tile prefetches a share of the next group's rows.
+template <class V>
 SPECOPS_INLINE void columns_impl(const Problem& p, int64_t n0, int64_t n1) {
+  constexpr int kR = Tiling<V>::kR, kMaxH = Tiling<V>::kMaxH;
   const int64_t num_tiles = (p.num_rows + kMaxH - 1) / kMaxH;
-  // Tiles of near-equal height: M = 7 is 3 + 2 + 2 rather than 3 + 3 + 1.
+  // Tiles of near-equal height: M = 9 is 3 + 3 + 3 rather than 4 + 4 + 1.
   const int64_t base = p.num_rows / num_tiles, extra = p.num_rows % num_tiles;
   const int step = static_cast<int>(std::min<int64_t>(num_tiles, kR));
   int64_t n = n0;
@@ -174,7 +179,7 @@ SPECOPS_INLINE void columns_impl(const Problem& p, int64_t n0, int64_t n1) {
     for (int64_t t = 0; t < num_tiles; ++t) {
       const int h = static_cast<int>(base + (t < extra ? 1 : 0));
       const int first = static_cast<int>(t < kR ? t : kR);  // kR: this tile prefetches nothing
-      dot_tile_any<kMaxH, kR, kX, V>(p, m0, h, n, next, first, step);
+      dot_tile_any<kR, V>(p, m0, h, n, next, first, step);
       m0 += h;
     }
   }
@@ -182,23 +187,17 @@ SPECOPS_INLINE void columns_impl(const Problem& p, int64_t n0, int64_t n1) {
     int64_t m0 = 0;
     for (int64_t t = 0; t < num_tiles; ++t) {
       const int h = static_cast<int>(base + (t < extra ? 1 : 0));
-      dot_tile_any<kMaxH, 1, kX, V>(p, m0, h, n, nullptr, 0, 1);
+      dot_tile_any<1, V>(p, m0, h, n, nullptr, 0, 1);
       m0 += h;
     }
   }
 }
 
-// Tiles and loop order measured on an AVX-512 EPYC (32 registers), in the whole Qwen2.5-1.5B
-// forward: up to 6 rows, 3 x 8 tiles with the x vectors held in registers (T = 5: 0.93x the
-// time of 4 x 6); from 7 rows, 4 x 6 tiles with the W vectors held (T = 9: 0.85x the time of
-// either alternative). AVX2 has 16 registers: 2 x 4 with Vec8.
 SPECOPS_CPU_CLONES void columns(const Problem& p, int64_t n0, int64_t n1, bool wide) {
-  if (wide && p.num_rows <= 6) {
-    columns_impl<3, 8, true, Vec16>(p, n0, n1);
-  } else if (wide) {
-    columns_impl<4, 6, false, Vec16>(p, n0, n1);
+  if (wide) {
+    columns_impl<Vec16>(p, n0, n1);
   } else {
-    columns_impl<2, 4, false, Vec8>(p, n0, n1);
+    columns_impl<Vec8>(p, n0, n1);
   }
 }
 
