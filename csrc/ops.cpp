@@ -42,6 +42,8 @@ TORCH_LIBRARY(specops, m) {
   m.def(
       "tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, Tensor mask, "
       "float? scale, Tensor? block_tables) -> Tensor");
+  // y = x @ weight^T (+ bias) for a few rows of x, reading weight once (torch's F.linear).
+  m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 PYBIND11_MODULE(_C, m) {

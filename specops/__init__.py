@@ -39,6 +39,7 @@ from .trees import (  # noqa: E402
     unpack_tree_mask,
 )
 from .attention_ops import tree_attention  # noqa: E402
+from .linear_ops import skinny_linear  # noqa: E402
 from . import hf  # noqa: E402  (transformers integration; imports transformers lazily)
 
 __version__ = "0.1.0"
@@ -46,9 +47,9 @@ __all__ = ["chain_verify", "chain_verify_greedy", "sampling_probs", "set_backend
            "use_backend", "set_checks", "get_checks", "reference", "tree_metadata",
            "tree_verify", "tree_verify_greedy", "tree_children", "tree_paths", "pack_tree_mask",
            "unpack_tree_mask", "chain_parents", "tree_from_choices", "tokens_from_topk",
-           "grow_tree", "kv_commit", "kv_write", "tree_attention", "hf", "generate",
-           "SpeculativeGenerator", "GenerationOutput", "DynamicTree", "Hybrid", "PromptLookup",
-           "Proposer", "StaticTree"]
+           "grow_tree", "kv_commit", "kv_write", "tree_attention", "skinny_linear", "hf",
+           "generate", "SpeculativeGenerator", "GenerationOutput", "DynamicTree", "Hybrid",
+           "PromptLookup", "Proposer", "StaticTree"]
 
 # The decoding loop is imported on first use: it pulls in transformers' model classes, which
 # users of the ops alone need not load.

@@ -3,6 +3,7 @@
 import torch
 
 from . import _checks
+from .linear_ops import skinny_linear_meta
 
 
 @torch.library.register_fake("specops::sampling_probs")
@@ -68,3 +69,9 @@ def _kv_commit_fake(kv, cache_lens, path, num_accepted, block_tables):
 def _tree_attention_fake(q, k_cache, v_cache, cache_lens, mask, scale, block_tables):
     _checks.tree_attention_meta(q, k_cache, v_cache, cache_lens, mask, scale, block_tables)
     return q.new_empty(q.shape)
+
+
+@torch.library.register_fake("specops::skinny_linear")
+def _skinny_linear_fake(x, weight, bias):
+    skinny_linear_meta(x, weight, bias)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))

@@ -25,6 +25,7 @@ from .. import _checks
 from ..attention_ops import tree_attention
 from ..hf import active_sliding_window
 from ..kv_ops import kv_write
+from ..linear_ops import MAX_ROWS, skinny_linear
 from .cache import StaticKVCache
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -47,6 +48,13 @@ def _rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def _linear(x: Tensor, proj: torch.nn.Module) -> Tensor:
+    """``proj(x)`` with the module's own parameters, read in place. A decode or verify step on
+    the CPU in float32 (at most 16 tokens in all rows) goes through :func:`skinny_linear`,
+    which reads the weight once however many tokens there are, where torch's sgemm costs
+    about twice the one-token product from two tokens on; anything else through F.linear."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32
+            and x.numel() <= MAX_ROWS * x.shape[-1]):
+        return skinny_linear(x, proj.weight, proj.bias)
     return F.linear(x, proj.weight, proj.bias)
 
 

@@ -1,0 +1,82 @@
+"""Linear layer for a few rows of activations on the CPU: the verify pass of speculative
+decoding runs the target over the ``T`` = draft length + 1 new tokens, and for such ``T`` a
+layer should cost one read of its weight, like the one-token step. torch's float32
+``F.linear`` goes through BLAS sgemm there, which on an AVX-512 CPU costs about twice the
+one-row product already at two rows; :func:`skinny_linear` streams the weight once.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+
+_OP = "skinny_linear"
+MAX_ROWS = 16  # rows (tokens) up to which the CPU kernel is used; BLAS above
+
+
+def skinny_linear_meta(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    """Shape and dtype checks shared by :func:`skinny_linear` and the fake kernel."""
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{_OP}: {name} must be a floating-point tensor, got "
+                            f"{str(t.dtype).removeprefix('torch.')}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{_OP}: {name} must have x's dtype "
+                            f"{str(x.dtype).removeprefix('torch.')}, got "
+                            f"{str(t.dtype).removeprefix('torch.')}")
+        if t.device != x.device:
+            raise ValueError(f"{_OP}: {name} must be on x's device {x.device}, got {t.device}")
+    if weight.dim() != 2:
+        raise ValueError(f"{_OP}: weight must have 2 dims (out_features, in_features), got "
+                         f"shape {tuple(weight.shape)}")
+    if x.dim() < 1:
+        raise ValueError(f"{_OP}: x must have at least 1 dim, got shape {tuple(x.shape)}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{_OP}: x.shape[-1] must be {weight.shape[1]} (weight.shape[1], "
+                         f"in_features), got shape {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{_OP}: bias must have shape ({weight.shape[0]},) (weight.shape[0], "
+                         f"out_features), got shape {tuple(bias.shape)}")
+
+
+def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``y = x @ weight.T + bias``, the same function as ``torch.nn.functional.linear`` (its
+    executable specification), fast on the CPU for a few rows of ``x``.
+
+    With ``x`` on the CPU in float32 and at most 16 rows (``x.numel() // in_features``),
+    ``torch.ops.specops.skinny_linear`` runs: a C++ kernel that reads ``weight`` from memory
+    once and computes all rows' dot products from it (float32 FMA, both cores for large
+    ``out_features``). Anything else calls ``F.linear``: above 16 rows BLAS's blocked GEMM
+    is the right tool (the product is no longer bound by reading the weight), bfloat16 and
+    float16 already run near one weight read per call in torch, and on GPUs cuBLAS is the
+    GPU path. ``specops.set_backend("reference")`` also routes to ``F.linear``.
+
+    Results equal ``F.linear``'s up to float32 rounding (another summation order): relative
+    error about ``1e-7 * sqrt(in_features)`` of ``|x| @ |weight|.T``.
+
+    Args:
+        x: Shape ``(..., in_features)``, floating point. Any strides; leading dims are
+            flattened (a copy only where they cannot be viewed as one).
+        weight: Shape ``(out_features, in_features)``, ``x``'s dtype and device. Read in
+            place when its last dim is contiguous (``nn.Linear.weight`` is).
+        bias: Shape ``(out_features,)``, ``x``'s dtype, or ``None``.
+
+    Returns:
+        Shape ``(..., out_features)``, contiguous, ``x``'s dtype.
+
+    >>> x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    >>> w = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, -1.0]])
+    >>> specops.skinny_linear(x, w, torch.tensor([0.0, 0.5, 0.0]))
+    tensor([[ 1.0000,  3.5000, -2.0000],
+            [ 3.0000,  7.5000, -4.0000]])
+    """
+    skinny_linear_meta(x, weight, bias)
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and ops.get_backend() == "kernels"
+            and x.numel() <= MAX_ROWS * weight.shape[1] and weight.shape[1] > 0):
+        return torch.ops.specops.skinny_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
