@@ -85,9 +85,10 @@ class DraftLengthController:
     Estimates: per position ``i``, discounted counts of rows that *tried* it (accepted all of
     positions ``< i``) and rows that *accepted* it; every :meth:`update` first multiplies all
     counts by ``decay``, so data ``k`` updates old weighs ``decay**k`` and the controller
-    follows a change of regime. A Beta-like prior adds ``prior_weight`` pseudo-tries at rate
-    ``prior_acceptance``, so ``a_i = (accepted_i + w p) / (tried_i + w)``: unseen positions start
-    at ``p``, and positions no longer tried drift back to it as their counts decay.
+    follows a change of regime. A Beta-like prior adds ``prior_weight`` pseudo-tries, so
+    ``a_i = (accepted_i + w p_i) / (tried_i + w)`` with ``p_1 = prior_acceptance`` and
+    ``p_i = a_{i-1}``: unseen positions start at the rate measured before them, and positions no
+    longer tried drift back to it as their counts decay.
 
     Probing: choosing 0 (plain decoding) yields no acceptance data, so an estimate that once
     fell below break-even would never recover. While 0 is the best choice, every
@@ -148,9 +149,19 @@ class DraftLengthController:
         self.cost = cost
 
     def acceptance(self) -> np.ndarray:
-        """Shape ``(max_draft,)``, float64: current estimates of ``a_1..a_max_draft``."""
-        w, p = self.prior_weight, self.prior_acceptance
-        return (self._accepted + w * p) / (self._tried + w)
+        """Shape ``(max_draft,)``, float64: current estimates of ``a_1..a_max_draft``.
+
+        Position 1's prior is ``prior_acceptance``; position ``i``'s prior is the estimate of
+        position ``i - 1``. Acceptance changes slowly along a draft, so positions never
+        tried (the controller only learns up to the lengths it chooses) inherit the last
+        measured rate instead of a fixed guess that could keep long drafts from ever being
+        tried."""
+        w = self.prior_weight
+        estimates = np.empty(self.max_draft)
+        prior = self.prior_acceptance
+        for i in range(self.max_draft):
+            prior = estimates[i] = (self._accepted[i] + w * prior) / (self._tried[i] + w)
+        return estimates
 
     def _check_num_draft(self, op: str, num_draft: int) -> None:
         if not 0 <= num_draft <= self.max_draft:

@@ -230,3 +230,16 @@ def test_bad_cost_arguments(kwargs, name):
         CostModel(**kwargs)
     with pytest.raises(ValueError, match="num_draft"):
         CostModel({1: 1.0}, 0.0).step_seconds(-1)
+
+
+def test_untried_positions_inherit_the_last_measured_rate():
+    """Only lengths the controller chose get measured; positions past them start at the rate
+    measured just before them, so a draft that is good at 2 gets tried at more than 2."""
+    cost = CostModel({1: 1.0, 2: 1.0, 9: 1.6}, draft_step_seconds=0.25)
+    ctrl = DraftLengthController(cost, 8, prior_acceptance=0.5)
+    for _ in range(20):
+        ctrl.update(2, [2])
+    a = ctrl.acceptance()
+    assert a[0] > 0.9 and a[1] > 0.9
+    assert np.all(a[2:] > 0.85), a          # inherited, not the 0.5 prior
+    assert ctrl.choose() > 2
