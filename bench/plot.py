@@ -99,6 +99,7 @@ def plot_e2e(summary: Path, out: Path, written: list[Path]) -> None:
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_title(f"speedup over {baseline} (geometric mean over prompts)", fontsize=9)
     axes[0].legend(fontsize=7, ncol=2)
+    axes[1].legend(fontsize=7, ncol=2)   # it has "plain", which the left panel omits
     first = rows[0]
     fig.suptitle(f"{first.get('target', '')} / {first.get('draft', '')}, "
                  f"{first.get('max_new_tokens', '')} new tokens, batch {first.get('batch', '')}"
