@@ -1,5 +1,10 @@
-// CPU kernel of skinny_linear: y = x @ W^T (+ bias) for a few rows of x, float32
+// CPU kernel of skinny_linear: y = x @ W^T (+ bias) for a few rows of x, float32 or bfloat16
 // (executable specification: torch.nn.functional.linear; wrapper: specops/linear_ops.py).
+//
+// bfloat16: W is read as bfloat16 (half the bytes of float32, which is what the product costs)
+// and widened to float32 in registers (a bfloat16 is the top 16 bits of a float32: zero-extend
+// and shift left by 16, exact); x and bias are widened once up front, sums are float32, and
+// y is rounded to bfloat16 at the end (torch's float32 -> bfloat16 cast, nearest even).
 //
 // A linear layer over M = 1..16 rows is memory-bound in principle: W (N x K) is far larger
 // than x or y, so it should cost about one read of W, like a matrix-vector product. BLAS
@@ -64,6 +69,41 @@ SPECOPS_INLINE V load(const float* p) {
   return v;
 }
 
+// W elements: float32, or bfloat16 as its raw 16 bits.
+typedef uint16_t Bf16Bits;
+typedef uint16_t U16x16 __attribute__((vector_size(32)));
+typedef uint16_t U16x8 __attribute__((vector_size(16)));
+typedef uint32_t U32x16 __attribute__((vector_size(64)));
+typedef uint32_t U32x8 __attribute__((vector_size(32)));
+template <class V>
+struct BitsOf;
+template <>
+struct BitsOf<Vec16> {
+  typedef U16x16 Half;
+  typedef U32x16 Full;
+};
+template <>
+struct BitsOf<Vec8> {
+  typedef U16x8 Half;
+  typedef U32x8 Full;
+};
+
+// One vector of W elements as float32.
+template <class V>
+SPECOPS_INLINE V load_w(const float* p) {
+  return load<V>(p);
+}
+template <class V>
+SPECOPS_INLINE V load_w(const Bf16Bits* p) {
+  typename BitsOf<V>::Half h;
+  std::memcpy(&h, p, sizeof(h));
+  const typename BitsOf<V>::Full bits =
+      __builtin_convertvector(h, typename BitsOf<V>::Full) << 16;
+  V v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
 template <class V>
 SPECOPS_INLINE float hsum(V v) {
   float lanes[kLanes<V>];
@@ -73,10 +113,11 @@ SPECOPS_INLINE float hsum(V v) {
   return s;
 }
 
+template <class WT>
 struct Problem {
   const float* x = nullptr;     // [M, ldx], zero-padded past K up to a multiple of kPad
   int64_t ldx = 0;
-  const float* w = nullptr;     // [N, K], row stride ldw, last dim contiguous
+  const WT* w = nullptr;        // [N, K], row stride ldw, last dim contiguous
   int64_t ldw = 0;
   const float* bias = nullptr;  // [N] or null
   float* y = nullptr;           // [M, N], contiguous
@@ -86,16 +127,16 @@ struct Problem {
 // y[m, n0 + r] = x[m] . W[n0 + r] (+ bias) for the kH rows m of x at x, kR rows of W at n0.
 // Also prefetches, at each step, the same columns of rows `prefetch_rows` of `next` (the next
 // group of W rows), so that memory is read while the other tiles of x compute from cache.
-template <int kH, int kR, class V>
-SPECOPS_INLINE void dot_tile(const Problem& p, const float* x, float* y, int64_t n0,
-                             const float* next, int first_prefetch_row, int prefetch_step) {
+template <int kH, int kR, class V, class WT>
+SPECOPS_INLINE void dot_tile(const Problem<WT>& p, const float* x, float* y, int64_t n0,
+                             const WT* next, int first_prefetch_row, int prefetch_step) {
   constexpr int L = kLanes<V>;
-  const float* w = p.w + n0 * p.ldw;
+  const WT* w = p.w + n0 * p.ldw;
   V acc[kH][kR] = {};
   const int64_t k_full = p.k - p.k % L;
   for (int64_t i = 0; i < k_full; i += L) {
     V wv[kR];
-    for (int r = 0; r < kR; ++r) wv[r] = load<V>(w + r * p.ldw + i);
+    for (int r = 0; r < kR; ++r) wv[r] = load_w<V>(w + r * p.ldw + i);
     if (next != nullptr) {
       for (int r = first_prefetch_row; r < kR; r += prefetch_step) {
         __builtin_prefetch(next + r * p.ldw + i, 0, 1);  // to L2: L1 holds x and this group
@@ -107,9 +148,11 @@ SPECOPS_INLINE void dot_tile(const Problem& p, const float* x, float* y, int64_t
     }
   }
   if (k_full < p.k) {  // K tail: W padded with zeros here, x already is
-    V wv[kR] = {};
+    V wv[kR];
     for (int r = 0; r < kR; ++r) {
-      std::memcpy(&wv[r], w + r * p.ldw + k_full, (p.k - k_full) * sizeof(float));
+      WT tail[L] = {};
+      std::memcpy(tail, w + r * p.ldw + k_full, (p.k - k_full) * sizeof(WT));
+      wv[r] = load_w<V>(tail);
     }
     for (int m = 0; m < kH; ++m) {
       const V xv = load<V>(x + m * p.ldx + k_full);
@@ -138,23 +181,23 @@ struct Tiling<Vec8> {
   static constexpr int kMaxH = 2, kR = 4;
 };
 
-template <int kR, class V>
-SPECOPS_INLINE void dot_tile_any(const Problem& p, int64_t m0, int h, int64_t n0,
-                                 const float* next, int first_prefetch_row, int prefetch_step) {
+template <int kR, class V, class WT>
+SPECOPS_INLINE void dot_tile_any(const Problem<WT>& p, int64_t m0, int h, int64_t n0,
+                                 const WT* next, int first_prefetch_row, int prefetch_step) {
   const float* x = p.x + m0 * p.ldx;
   float* y = p.y + m0 * p.n;
   constexpr int kMaxH = Tiling<V>::kMaxH;
   switch (h) {
-    case 1: dot_tile<1, kR, V>(p, x, y, n0, next, first_prefetch_row, prefetch_step); break;
-    case 2: dot_tile<2, kR, V>(p, x, y, n0, next, first_prefetch_row, prefetch_step); break;
+    case 1: dot_tile<1, kR, V, WT>(p, x, y, n0, next, first_prefetch_row, prefetch_step); break;
+    case 2: dot_tile<2, kR, V, WT>(p, x, y, n0, next, first_prefetch_row, prefetch_step); break;
     case 3:
       if constexpr (kMaxH >= 3) {
-        dot_tile<3, kR, V>(p, x, y, n0, next, first_prefetch_row, prefetch_step);
+        dot_tile<3, kR, V, WT>(p, x, y, n0, next, first_prefetch_row, prefetch_step);
       }
       break;
     case 4:
       if constexpr (kMaxH >= 4) {
-        dot_tile<4, kR, V>(p, x, y, n0, next, first_prefetch_row, prefetch_step);
+        dot_tile<4, kR, V, WT>(p, x, y, n0, next, first_prefetch_row, prefetch_step);
       }
       break;
     default: break;
@@ -165,8 +208,8 @@ SPECOPS_INLINE void dot_tile_any(const Problem& p, int64_t m0, int h, int64_t n0
 // tile of x rows walks the group's K columns. The first tile reads the group from memory and
 // the others from cache (kR * K floats: L1 or L2), so W is read from memory once, while each
 // tile prefetches a share of the next group's rows.
-template <class V>
-SPECOPS_INLINE void columns_impl(const Problem& p, int64_t n0, int64_t n1) {
+template <class V, class WT>
+SPECOPS_INLINE void columns_impl(const Problem<WT>& p, int64_t n0, int64_t n1) {
   constexpr int kR = Tiling<V>::kR, kMaxH = Tiling<V>::kMaxH;
   const int64_t num_tiles = (p.num_rows + kMaxH - 1) / kMaxH;
   // Tiles of near-equal height: M = 9 is 3 + 3 + 3 rather than 4 + 4 + 1.
@@ -174,12 +217,12 @@ SPECOPS_INLINE void columns_impl(const Problem& p, int64_t n0, int64_t n1) {
   const int step = static_cast<int>(std::min<int64_t>(num_tiles, kR));
   int64_t n = n0;
   for (; n + kR <= n1; n += kR) {
-    const float* next = n + 2 * kR <= n1 ? p.w + (n + kR) * p.ldw : nullptr;
+    const WT* next = n + 2 * kR <= n1 ? p.w + (n + kR) * p.ldw : nullptr;
     int64_t m0 = 0;
     for (int64_t t = 0; t < num_tiles; ++t) {
       const int h = static_cast<int>(base + (t < extra ? 1 : 0));
       const int first = static_cast<int>(t < kR ? t : kR);  // kR: this tile prefetches nothing
-      dot_tile_any<kR, V>(p, m0, h, n, next, first, step);
+      dot_tile_any<kR, V, WT>(p, m0, h, n, next, first, step);
       m0 += h;
     }
   }
@@ -187,13 +230,22 @@ SPECOPS_INLINE void columns_impl(const Problem& p, int64_t n0, int64_t n1) {
     int64_t m0 = 0;
     for (int64_t t = 0; t < num_tiles; ++t) {
       const int h = static_cast<int>(base + (t < extra ? 1 : 0));
-      dot_tile_any<1, V>(p, m0, h, n, nullptr, 0, 1);
+      dot_tile_any<1, V, WT>(p, m0, h, n, nullptr, 0, 1);
       m0 += h;
     }
   }
 }
 
-SPECOPS_CPU_CLONES void columns(const Problem& p, int64_t n0, int64_t n1, bool wide) {
+SPECOPS_CPU_CLONES void columns(const Problem<float>& p, int64_t n0, int64_t n1, bool wide) {
+  if (wide) {
+    columns_impl<Vec16>(p, n0, n1);
+  } else {
+    columns_impl<Vec8>(p, n0, n1);
+  }
+}
+
+SPECOPS_CPU_CLONES void columns_bf16(const Problem<Bf16Bits>& p, int64_t n0, int64_t n1,
+                                     bool wide) {
   if (wide) {
     columns_impl<Vec16>(p, n0, n1);
   } else {
@@ -203,56 +255,75 @@ SPECOPS_CPU_CLONES void columns(const Problem& p, int64_t n0, int64_t n1, bool w
 
 at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, kOp, ": x must be float32, got ",
-                   x.scalar_type());
+  const at::ScalarType dtype = x.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16, kOp,
+                   ": x must be float32 or bfloat16, got ", dtype);
   TORCH_CHECK_VALUE(x.dim() >= 1, kOp, ": x must have at least 1 dim, got shape ", x.sizes());
-  check_tensor(weight, kOp, "weight", at::kFloat, 2);
+  check_tensor(weight, kOp, "weight", dtype, 2);
   TORCH_CHECK_VALUE(x.device().is_cpu(), kOp, ": x must be on the CPU here, got ", x.device());
   const int64_t n = weight.size(0), k = weight.size(1);
   TORCH_CHECK_VALUE(x.size(-1) == k, kOp, ": x.shape[-1] must be ", k,
                     " (weight.shape[1], in_features), got shape ", x.sizes());
   if (bias) {
-    check_tensor(*bias, kOp, "bias", at::kFloat, 1);
+    check_tensor(*bias, kOp, "bias", dtype, 1);
     check_dim_size(*bias, kOp, "bias", 0, n, "weight.shape[0], out_features");
   }
+  const bool bf16 = dtype == at::kBFloat16;
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
-  at::Tensor y = at::empty(out_shape, x.options());
+  // bfloat16: sums go to a float32 buffer (M * N floats), rounded to bfloat16 at the end.
+  at::Tensor y = at::empty(out_shape, x.options().dtype(at::kFloat));
   const int64_t num_rows = k > 0 ? x.numel() / k : c10::multiply_integers(x.sizes().begin(),
                                                                           x.sizes().end() - 1);
-  if (num_rows == 0 || n == 0) return y;
+  if (num_rows == 0 || n == 0) return y.to(dtype);
 
-  // x rows are read in place when they can be loaded as whole vectors; otherwise copied once
-  // (M * K floats, small next to W) into zero-padded rows.
+  // x rows are read in place when they are float32 and can be loaded as whole vectors;
+  // otherwise copied once (M * K floats, small next to W) into zero-padded float32 rows.
   at::Tensor x2 = x.reshape({num_rows, k});
   at::Tensor x_pad;
-  Problem p;
-  if (k % kPad == 0 && x2.stride(1) == 1 && k > 0) {
-    p.x = x2.const_data_ptr<float>();
-    p.ldx = x2.stride(0);
+  const float* xp = nullptr;
+  int64_t ldx = 0;
+  if (!bf16 && k % kPad == 0 && x2.stride(1) == 1 && k > 0) {
+    xp = x2.const_data_ptr<float>();
+    ldx = x2.stride(0);
   } else {
-    p.ldx = (k + kPad - 1) / kPad * kPad;
-    x_pad = at::zeros({num_rows, std::max<int64_t>(p.ldx, 1)}, x.options());
+    ldx = (k + kPad - 1) / kPad * kPad;
+    x_pad = at::zeros({num_rows, std::max<int64_t>(ldx, 1)}, x.options().dtype(at::kFloat));
     if (k > 0) x_pad.narrow(1, 0, k).copy_(x2);
-    p.x = x_pad.const_data_ptr<float>();
+    xp = x_pad.const_data_ptr<float>();
   }
   at::Tensor w = weight.stride(1) == 1 ? weight : weight.contiguous();
+  at::Tensor b;
+  if (bias) b = bias->to(at::kFloat).contiguous();
+
+  const bool wide = SPECOPS_HAS_AVX512();
+  const int64_t grain =
+      std::max<int64_t>(16, kMinTaskBytes / std::max<int64_t>(1, k * w.element_size()));
+  if (bf16) {
+    Problem<Bf16Bits> p;
+    p.x = xp;
+    p.ldx = ldx;
+    p.w = reinterpret_cast<const Bf16Bits*>(w.const_data_ptr<at::BFloat16>());
+    p.ldw = w.stride(0);
+    p.bias = bias ? b.const_data_ptr<float>() : nullptr;
+    p.y = y.mutable_data_ptr<float>();
+    p.num_rows = num_rows;
+    p.n = n;
+    p.k = k;
+    at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) { columns_bf16(p, n0, n1, wide); });
+    return y.to(at::kBFloat16);  // round to nearest even, as torch casts
+  }
+  Problem<float> p;
+  p.x = xp;
+  p.ldx = ldx;
   p.w = w.const_data_ptr<float>();
   p.ldw = w.stride(0);
-  at::Tensor b;
-  if (bias) {
-    b = bias->contiguous();
-    p.bias = b.const_data_ptr<float>();
-  }
+  p.bias = bias ? b.const_data_ptr<float>() : nullptr;
   p.y = y.mutable_data_ptr<float>();
   p.num_rows = num_rows;
   p.n = n;
   p.k = k;
-
-  const bool wide = SPECOPS_HAS_AVX512();
-  const int64_t grain =
-      std::max<int64_t>(16, kMinTaskBytes / std::max<int64_t>(1, k * int64_t(sizeof(float))));
   at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) { columns(p, n0, n1, wide); });
   return y;
 }

@@ -13,6 +13,7 @@ from . import ops
 
 _OP = "skinny_linear"
 MAX_ROWS = 16  # rows (tokens) up to which the CPU kernel is used; BLAS above
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # dtypes the CPU kernel serves
 
 
 def skinny_linear_meta(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
@@ -48,19 +49,23 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     """``y = x @ weight.T + bias``, the same function as ``torch.nn.functional.linear`` (its
     executable specification), fast on the CPU for a few rows of ``x``.
 
-    With ``x`` on the CPU in float32 and at most 16 rows (``x.numel() // in_features``),
-    ``torch.ops.specops.skinny_linear`` runs: a C++ kernel that reads ``weight`` from memory
-    once and computes all rows' dot products from it (float32 FMA, both cores for large
-    ``out_features``). Anything else calls ``F.linear``: above 16 rows BLAS's blocked GEMM
-    is the right tool (the product is no longer bound by reading the weight), bfloat16 and
-    float16 already run near one weight read per call in torch, and on GPUs cuBLAS is the
-    GPU path. ``specops.set_backend("reference")`` also routes to ``F.linear``.
+    With ``x`` on the CPU in float32 or bfloat16 and at most 16 rows
+    (``x.numel() // in_features``), ``torch.ops.specops.skinny_linear`` runs: a C++ kernel
+    that reads ``weight`` from memory once and computes all rows' dot products from it
+    (float32 FMA, both cores for large ``out_features``). Anything else calls ``F.linear``:
+    above 16 rows BLAS's blocked GEMM is the right tool (the product is no longer bound by
+    reading the weight), torch's float16 is left as it is, and on GPUs cuBLAS is the GPU
+    path. ``specops.set_backend("reference")`` also routes to ``F.linear``.
 
-    Results equal ``F.linear``'s up to float32 rounding (another summation order): relative
-    error about ``1e-7 * sqrt(in_features)`` of ``|x| @ |weight|.T``.
+    float32 results equal ``F.linear``'s up to float32 rounding (another summation order):
+    relative error about ``1e-7 * sqrt(in_features)`` of ``|x| @ |weight|.T``. bfloat16
+    inputs are summed in float32 and the result rounded once to bfloat16 (nearest even):
+    ``F.linear`` of the inputs cast to float32, then cast to bfloat16, up to that float32
+    rounding (which can move a result across a bfloat16 rounding boundary: one ulp).
 
     Args:
-        x: Shape ``(..., in_features)``, floating point. Any strides; leading dims are
+        x: Shape ``(..., in_features)``, floating point (the kernel serves float32 and
+            bfloat16). Any strides; leading dims are
             flattened (a copy only where they cannot be viewed as one).
         weight: Shape ``(out_features, in_features)``, ``x``'s dtype and device. Read in
             place when its last dim is contiguous (``nn.Linear.weight`` is).
@@ -76,7 +81,7 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
             [ 3.0000,  7.5000, -4.0000]])
     """
     skinny_linear_meta(x, weight, bias)
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and ops.get_backend() == "kernels"
+    if (x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and ops.get_backend() == "kernels"
             and x.numel() <= MAX_ROWS * weight.shape[1] and weight.shape[1] > 0):
         return torch.ops.specops.skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)

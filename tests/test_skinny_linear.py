@@ -3,8 +3,9 @@
 
 Equality on hypothesis-drawn shapes (M = 1..16 rows, K = 1..5000 with the SIMD tail sizes
 15/17/1535/1537, N = 1..3000 with odd N and N = 1 so the 6-row groups of W leave every
-remainder), with and without bias, with strided x and weight; the passthrough to F.linear
-(M > 16, bfloat16); the op itself beyond 16 rows; bad input; opcheck and torch.compile.
+remainder), with and without bias, with strided x and weight, in float32 and bfloat16; the
+passthrough to F.linear (M > 16, float16, float64); the op itself beyond 16 rows; bad input;
+opcheck and torch.compile.
 """
 
 import math
@@ -36,6 +37,35 @@ def assert_close_linear(actual, x, weight, bias, what="y"):
     bad = ~(diff <= tol)
     if bool(bad.any()):
         lines = [f"  at {tuple(i)}: got {actual[tuple(i)]:.7g}, expected "
+                 f"{expected[tuple(i)]:.7g} (tolerance {tol[tuple(i)]:.3g})"
+                 for i in bad.nonzero()[:5].tolist()]
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} values off, K={k}\n"
+                             + "\n".join(lines))
+
+
+def assert_close_linear_bf16(actual, x, weight, bias, what="y"):
+    """bfloat16: within one rounding to bfloat16 of F.linear computed in float32.
+
+    The kernel sums in float32 (another order than F.linear: error up to the float32 bound of
+    assert_close_linear, ``delta``) and rounds once to bfloat16, nearest even: at most half a
+    bfloat16 ulp, ``2**-8`` of the float32 sum's magnitude. So ``|actual - expected|`` stays
+    within ``2**-8 * |expected| + (1 + 2**-8) * delta``, ``expected`` the float32 F.linear;
+    where the float32 error moves a sum across a rounding boundary, the two bfloat16 results
+    differ by one ulp, which this allows, while a product dropped or a wrong conversion of W
+    (an error of ~1/K of the sum or more) is far outside it for the sizes drawn here."""
+    x32, w32 = x.float(), weight.float()
+    b32 = None if bias is None else bias.float()
+    expected = F.linear(x32, w32, b32)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == torch.bfloat16, f"{what}: dtype {actual.dtype} != torch.bfloat16"
+    k = weight.shape[1]
+    scale = F.linear(x32.abs(), w32.abs(), None if b32 is None else b32.abs())
+    delta = RTOL_PER_SQRT_K * math.sqrt(max(k, 1)) * scale
+    tol = 2.0**-8 * expected.abs() + (1 + 2.0**-8) * delta + 1e-30
+    diff = (actual.float() - expected).abs()
+    bad = ~(diff <= tol)
+    if bool(bad.any()):
+        lines = [f"  at {tuple(i)}: got {actual[tuple(i)].item():.7g}, expected "
                  f"{expected[tuple(i)]:.7g} (tolerance {tol[tuple(i)]:.3g})"
                  for i in bad.nonzero()[:5].tolist()]
         raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} values off, K={k}\n"
@@ -78,6 +108,34 @@ def test_equals_f_linear(m, k, n, with_bias, layout, weight_strided, seed):
     assert_close_linear(OPS.skinny_linear(x, weight, bias), x, weight, bias, "op")
 
 
+@settings(max_examples=30)
+@given(m=st.integers(1, 16), k=K_SIZES, n=N_SIZES, with_bias=st.booleans(), layout=LAYOUTS,
+       weight_strided=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_bfloat16_equals_f_linear_in_float32(m, k, n, with_bias, layout, weight_strided, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = make_x(layout, m, k, gen).bfloat16()
+    if weight_strided:
+        weight = torch.randn(n, k + 5, generator=gen).bfloat16()[:, 2:k + 2]
+    else:
+        weight = torch.randn(n, k, generator=gen).bfloat16()
+    bias = torch.randn(n, generator=gen).bfloat16() if with_bias else None
+    y = specops.skinny_linear(x, weight, bias)
+    assert_close_linear_bf16(y, x, weight, bias)
+    assert y.is_contiguous()
+    # the wrapper runs the kernel for bfloat16 (deterministic: each output has one sum order)
+    assert torch.equal(y, OPS.skinny_linear(x, weight, bias).reshape(y.shape))
+
+
+def test_bfloat16_rounds_to_nearest_even():
+    """Sums exactly halfway between two bfloat16 values go to the even one, as torch's cast:
+    1 + 2**-8 (halfway between 1 and 1 + 2**-7) -> 1; 1 + 3 * 2**-8 -> 1 + 2**-6."""
+    x = torch.tensor([[1.0, 2.0**-8], [1.0, 3 * 2.0**-8]], dtype=torch.bfloat16)
+    w = torch.ones(1, 2, dtype=torch.bfloat16)
+    y = specops.skinny_linear(x, w)
+    assert y.dtype == torch.bfloat16
+    assert y.flatten().tolist() == [1.0, 1.0 + 2.0**-6]
+
+
 def test_weight_with_strided_last_dim_is_copied():
     gen = torch.Generator().manual_seed(0)
     x, weight = torch.randn(3, 40, generator=gen), torch.randn(40, 33, generator=gen).t()
@@ -106,7 +164,7 @@ def test_empty_rows_and_zero_k():
                        b.expand(3, 5))
 
 
-@pytest.mark.parametrize("case", ["17_rows", "bfloat16", "float64"])
+@pytest.mark.parametrize("case", ["17_rows", "float16", "float64"])
 def test_passthrough_to_f_linear(case):
     """Shapes and dtypes the kernel does not serve give exactly F.linear's result."""
     gen = torch.Generator().manual_seed(1)
@@ -139,17 +197,19 @@ def test_bad_input(call, args, error, name):
         fn(*args)
 
 
-def test_op_refuses_bfloat16():
-    with pytest.raises(TypeError, match="skinny_linear: x must be float32"):
-        OPS.skinny_linear(torch.ones(2, 4, dtype=torch.bfloat16),
-                          torch.ones(3, 4, dtype=torch.bfloat16), None)
+def test_op_refuses_float16():
+    with pytest.raises(TypeError, match="skinny_linear: x must be float32 or bfloat16"):
+        OPS.skinny_linear(torch.ones(2, 4, dtype=torch.float16),
+                          torch.ones(3, 4, dtype=torch.float16), None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_opcheck(with_bias):
+def test_opcheck(with_bias, dtype):
     gen = torch.Generator().manual_seed(3)
-    x, w = torch.randn(2, 5, 37, generator=gen), torch.randn(11, 37, generator=gen)
-    b = torch.randn(11, generator=gen) if with_bias else None
+    x = torch.randn(2, 5, 37, generator=gen).to(dtype)
+    w = torch.randn(11, 37, generator=gen).to(dtype)
+    b = torch.randn(11, generator=gen).to(dtype) if with_bias else None
     torch.library.opcheck(OPS.skinny_linear, (x, w, b))
 
 

@@ -25,7 +25,7 @@ from .. import _checks
 from ..attention_ops import tree_attention
 from ..hf import active_sliding_window
 from ..kv_ops import kv_write
-from ..linear_ops import MAX_ROWS, skinny_linear
+from ..linear_ops import KERNEL_DTYPES, MAX_ROWS, skinny_linear
 from .cache import StaticKVCache
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -49,10 +49,11 @@ def _rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def _linear(x: Tensor, proj: torch.nn.Module) -> Tensor:
     """``proj(x)`` with the module's own parameters, read in place. A decode or verify step on
-    the CPU in float32 (at most 16 tokens in all rows) goes through :func:`skinny_linear`,
-    which reads the weight once however many tokens there are, where torch's sgemm costs
-    about twice the one-token product from two tokens on; anything else through F.linear."""
-    if (x.device.type == "cpu" and x.dtype == torch.float32
+    the CPU in float32 or bfloat16 (at most 16 tokens in all rows) goes through
+    :func:`skinny_linear`, which reads the weight once however many tokens there are, where
+    torch's sgemm costs about twice the one-token product from two tokens on and its bfloat16
+    matrix-vector path is slower still; anything else through F.linear."""
+    if (x.device.type == "cpu" and x.dtype in KERNEL_DTYPES
             and x.numel() <= MAX_ROWS * x.shape[-1]):
         return skinny_linear(x, proj.weight, proj.bias)
     return F.linear(x, proj.weight, proj.bias)
