@@ -25,7 +25,6 @@ pass would evict it). Rows are appended to bench/results/kv_commit_<device>.csv.
 """
 
 import argparse
-import csv
 import datetime
 import os
 import platform
@@ -40,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # this checkout's specops and bench helpers
 import specops  # noqa: E402
 from bench_ops import git_commit, machine  # noqa: E402
-from timing import run_case  # noqa: E402
+from timing import append_csv, run_case  # noqa: E402
 
 LAYERS, T, HKV, D, S = 32, 64, 8, 128, 2048
 CASES = [(1, "float32"), (1, "bfloat16"), (8, "float32"), (8, "bfloat16")]  # (B, dtype)
@@ -167,13 +166,7 @@ def main():
         del kv, fns
     if not args.no_csv:
         path = Path(args.csv or ROOT / "bench" / "results" / f"kv_commit_{device}.csv")
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
-        print(f"appended {len(rows)} rows to {path}")
+        append_csv(path, COLUMNS, rows)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ command. The machine may be shared: compare ratios from one run, and rerun when 
 """
 
 import argparse
-import csv
 import datetime
 import gc
 import os
@@ -41,7 +40,7 @@ import specops  # noqa: E402
 import specops.models  # noqa: E402
 import specops.models.llama as llama  # noqa: E402
 from bench_ops import git_commit, machine  # noqa: E402
-from timing import run_case  # noqa: E402
+from timing import append_csv, run_case  # noqa: E402
 
 SHAPES = [(1536, 1536, "q_proj/o_proj"), (1536, 256, "k_proj/v_proj"),
           (1536, 8960, "gate_proj/up_proj"), (8960, 1536, "down_proj"),
@@ -208,13 +207,7 @@ def main():
             rows += bench_forward(args)
     if not args.no_csv:
         path = Path(args.csv or ROOT / "bench" / "results" / "linear_cpu.csv")
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
-        print(f"appended {len(rows)} rows to {path}")
+        append_csv(path, COLUMNS, rows)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ out B*T*H*D each. Rows are appended to bench/results/tree_attention_<device>.csv
 """
 
 import argparse
-import csv
 import datetime
 import os
 import platform
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 # This checkout's specops (not another installed copy), and bench_ops' record helpers.
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 from bench_ops import git_commit, machine  # noqa: E402
-from timing import run_case  # noqa: E402
+from timing import append_csv, run_case  # noqa: E402
 
 import specops  # noqa: E402
 from specops.reference.tree import tree_metadata_ref  # noqa: E402
@@ -131,13 +130,7 @@ def main():
                       f" vs sdpa  err {errors[name]:.2g}  load {load}")
     if not args.no_csv:
         path = Path(args.csv or ROOT / "bench" / "results" / f"tree_attention_{device}.csv")
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
-        print(f"appended {len(rows)} rows to {path}")
+        append_csv(path, COLUMNS, rows)
 
 
 if __name__ == "__main__":

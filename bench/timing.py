@@ -1,4 +1,5 @@
-"""Interleaved timing shared by bench_tree_attention.py and bench_kv_commit.py."""
+"""Interleaved timing and CSV appending shared by bench_tree_attention.py, bench_kv_commit.py
+and bench_linear.py."""
 
 import time
 
@@ -36,3 +37,18 @@ def run_case(fns: dict, device: str, budget_s: float, min_reps: int) -> dict[str
             times[name].append(clock(fns[name], device))
         rep += 1
     return times
+
+
+def append_csv(path, columns: list[str], rows: list[dict]) -> None:
+    """Appends ``rows`` to the CSV at ``path`` (a header first when the file is new)."""
+    import csv
+    from pathlib import Path
+
+    path = Path(path)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    print(f"appended {len(rows)} rows to {path}")
