@@ -16,16 +16,18 @@ rotated by one per (prompt, repetition), so the methods share the machine's nois
 | ``hybrid`` | ``specops.generate(..., draft=Hybrid(draft, PromptLookup()))``, cost-aware length |
 
     python bench/bench_e2e.py --quick          # 2 prompts/category, 1 rep, 32 new tokens
-    python bench/bench_e2e.py                  # 5 prompts/category, 3 reps, 128 new tokens
+    python bench/bench_e2e.py                  # 3 prompts/category, 2 reps, 96 new tokens
     python bench/bench_e2e.py --quick --categories code,chat --methods plain,chain-auto,tree
     python bench/bench_e2e.py --sampling       # temperature 1.0, top-p 0.95, code prompts
     python bench/bench_e2e.py --batch 4        # code prompts in batches of 4 (left padding)
     python bench/bench_e2e.py --target DIR --draft DIR --out /tmp/e2e   # other models
 
 Estimated time with the default pair on 2 CPU cores (plain decoding of the 1.5B target at
-about 2 tokens/s, prompts of 100-700 tokens): ``--quick`` (64 measured calls) about 20
-minutes, the full run (480 calls of 128 tokens) 6-7 hours; ``--categories``, ``--methods`` and
-``--prompts`` cut it down. Both models in memory take about 7.5 GB (target float32, draft
+about 3 tokens/s, prompts of 100-700 tokens; about 19 s per call at 64 new tokens measured
+over a whole run): ``--quick --max-new-tokens 64`` (64 measured calls) about 20 minutes, the
+full run (192 calls of 96 tokens) about 90 minutes; ``bench/run_cpu_suite.sh`` runs the full
+greedy run, then the sampling and batch-4 runs on code (about 2 hours in all).
+``--categories``, ``--methods``, ``--prompts`` and ``--reps`` cut it down or widen it. Both models in memory take about 7.5 GB (target float32, draft
 bfloat16).
 
 Models: ``--target``/``--draft`` are names or folders for ``specops.pretrained.load_model``
@@ -387,7 +389,7 @@ def print_summary(rows: list[dict]) -> None:
           f"{'vs hf-as':>10}{'tau':>7}{'=plain':>8}{'=hf':>7}")
 
     def f(v, spec):
-        return format(v, spec) if v is not None else "-"
+        return format(v, spec) if v is not None else format("-", spec.split(".")[0])
     for r in rows:
         print(f"{r['category']:<14}{r['method']:<16}{r['tok_s_median']:>8.2f}{r['tok_s_p10']:>8.2f}"
               f"{r['tok_s_p90']:>8.2f}{f(r['speedup_vs_plain'], '>10.2f')}"
@@ -400,9 +402,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="2 prompts per category, 1 rep, 32 new tokens")
-    p.add_argument("--prompts", type=int, help="prompts per category (default 5; quick 2)")
-    p.add_argument("--reps", type=int, help="repetitions (default 3; quick 1)")
-    p.add_argument("--max-new-tokens", type=int, help="default 128; quick 32")
+    p.add_argument("--prompts", type=int, help="prompts per category (default 3; quick 2)")
+    p.add_argument("--reps", type=int, help="repetitions (default 2; quick 1)")
+    p.add_argument("--max-new-tokens", type=int, help="default 96; quick 32")
     p.add_argument("--categories", help=f"comma-separated, of {','.join(CATEGORIES)} (default: "
                    "all; code alone with --sampling or --batch)")
     p.add_argument("--methods", help=f"comma-separated, of {','.join(BASE_METHODS)} "
@@ -425,9 +427,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep the controller's acceptance estimates across calls")
     p.add_argument("--out", type=Path, default=BENCH / "results" / "e2e_cpu")
     args = p.parse_args(argv)
-    args.prompts = args.prompts or (2 if args.quick else 5)
-    args.reps = args.reps or (1 if args.quick else 3)
-    args.max_new_tokens = args.max_new_tokens or (32 if args.quick else 128)
+    args.prompts = args.prompts or (2 if args.quick else 3)
+    args.reps = args.reps or (1 if args.quick else 2)
+    args.max_new_tokens = args.max_new_tokens or (32 if args.quick else 96)
     if args.categories:
         args.categories = [c.strip() for c in args.categories.split(",") if c.strip()]
     else:
