@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .graphs import GraphedStep
-from .models import SpecopsCausalLM
+from .models import CausalLM
 from .tree_ops import tree_metadata
 from .trees import grow_tree
 
@@ -47,10 +47,11 @@ class DraftRunner:
         batch_size, capacity: of its static cache (``capacity`` >= the longest row plus the
             largest draft or tree the loop asks for).
         vocab_size: the target's vocabulary size (logits are fitted to it).
-        graphs: replay the one-token step from a CUDA graph (:mod:`specops.graphs`).
+        graphs: replay the one-token step from a device graph, CUDA or HPU, on the
+            model's device (:mod:`specops.graphs`).
     """
 
-    def __init__(self, model: SpecopsCausalLM, batch_size: int, capacity: int, vocab_size: int,
+    def __init__(self, model: CausalLM, batch_size: int, capacity: int, vocab_size: int,
                  graphs: bool = False):
         self.model = model
         self.cache = model.new_cache(batch_size, capacity)
@@ -66,8 +67,8 @@ class DraftRunner:
         def one_token(token, lens, positions):
             return model(token, cache, lens, positions)
 
-        # the autoregressive one-token step, the same shape every time: graphed on CUDA
-        self._one_token = GraphedStep(one_token) if graphs else one_token
+        # the autoregressive one-token step, the same shape every time: graphed on CUDA/HPU
+        self._one_token = GraphedStep(one_token, device=self.device) if graphs else one_token
 
     def _lens(self, values: list[int]) -> Tensor:
         return torch.tensor(values, dtype=torch.int32, device=self.device)

@@ -1,4 +1,4 @@
-"""CUDA-graph capture of the loop's fixed-shape steps: one graph per input shape (per draft
+"""Device-graph capture of the loop's fixed-shape steps: one graph per input shape (per draft
 length, per tree size), captured on first use and replayed after, switching between them
 without recapture.
 
@@ -8,54 +8,125 @@ cache) must stay alive and in place, which the loop guarantees for the length of
 ``generate`` call. The output tensors are the graph's own: they are overwritten by the next
 replay of the same graph, so the caller consumes them first.
 
-Status: written for CUDA and tested only where a CUDA GPU is present (``tests/test_graphs.py``
-skips elsewhere); no GPU was available while it was developed, so the loop leaves it off by
-default (``SpeculativeGenerator(..., cuda_graphs=True)`` turns it on).
+Backends (:func:`graph_backend` picks one from the device; other devices, the CPU among
+them, get no graphs):
+
+- ``"cuda"``: ``torch.cuda.CUDAGraph``. Tested only where a CUDA GPU is present
+  (``tests/test_graphs.py`` skips elsewhere); no GPU was available while it was developed,
+  so the loop leaves graphs off by default (``SpeculativeGenerator(..., cuda_graphs=True)``
+  turns them on).
+- ``"hpu"``: Intel Gaudi's ``HPUGraph`` from ``habana_frameworks.torch``, imported only when
+  an HPU step is built. A thin adapter that has **never run on Gaudi hardware**: it follows
+  the vendor's documented capture/replay pattern and is exercised only against a stand-in
+  module (``tests/test_graphs_hpu.py``).
 """
 
+import importlib
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 
+def graph_backend(device: torch.device | str) -> str | None:
+    """The graph backend for ``device``: ``"cuda"``, ``"hpu"``, or None (no graphs: CPU and
+    every other device). Says nothing of whether the HPU package imports; building a
+    :class:`GraphedStep` for HPU checks that."""
+    kind = torch.device(device).type
+    return kind if kind in _BACKENDS else None
+
+
+class _CudaGraphs:
+    """Capture with ``torch.cuda.CUDAGraph``."""
+
+    def capture(self, fn: Callable[..., Tensor], static_inputs: list[Tensor],
+                warmup: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        # warm-up on a side stream, as PyTorch's CUDA-graph notes ask: Triton compiles and
+        # the caching allocator's first allocations stay out of the capture
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn(*static_inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_output = fn(*static_inputs)
+        return graph, static_output
+
+
+class _HpuGraphs:
+    """Capture with Intel Gaudi's ``ht.hpu.HPUGraph`` (``import habana_frameworks.torch as
+    ht``), whose API mirrors CUDA's. Relied on, from "Run Inference Using HPU Graphs"
+    (https://docs.habana.ai/en/latest/PyTorch/Inference_on_PyTorch/Inference_Using_HPU_Graphs.html):
+    ``ht.hpu.HPUGraph()``, ``ht.hpu.Stream()``, capture between ``graph.capture_begin()`` and
+    ``graph.capture_end()`` inside ``with ht.hpu.stream(stream)``, then ``graph.replay()``;
+    static shapes and device-side inputs; no ``mark_step`` needed around graphs. Untested on
+    hardware.
+    """
+
+    def __init__(self):
+        try:
+            self.ht = importlib.import_module("habana_frameworks.torch")
+        except ImportError as err:
+            raise ImportError(
+                "HPU graphs need Intel Gaudi's habana_frameworks.torch package, which did not "
+                f"import ({err}); install the Gaudi software stack or run without graphs "
+                "(cuda_graphs=False)") from err
+
+    def capture(self, fn: Callable[..., Tensor], static_inputs: list[Tensor],
+                warmup: int) -> tuple[object, Tensor]:
+        hpu = self.ht.hpu
+        # warm-up on the current stream: the vendor's example has no side-stream warm-up,
+        # and no HPU stream-synchronisation call is relied on that hardware never checked
+        for _ in range(warmup):
+            fn(*static_inputs)
+        graph = hpu.HPUGraph()
+        with hpu.stream(hpu.Stream()):
+            graph.capture_begin()
+            static_output = fn(*static_inputs)
+            graph.capture_end()
+        return graph, static_output
+
+
+_BACKENDS = {"cuda": _CudaGraphs, "hpu": _HpuGraphs}
+
+
 class GraphedStep:
-    """``step(*tensors)`` through a CUDA graph captured per shape and dtype of ``tensors``.
+    """``step(*tensors)`` through a device graph captured per shape and dtype of ``tensors``.
 
     Args:
         fn: ``fn(*tensors) -> Tensor``; every input that changes between calls must be one
             of ``tensors`` (they are copied into the graph's static inputs before a replay).
-        warmup: eager calls on a side stream before capture (Triton compiles, the caching
-            allocator settles). They run ``fn`` on the real inputs, so ``fn``'s writes (KV
-            cache slots) are the ones the replay then repeats.
+        warmup: eager calls before capture (Triton compiles, the caching allocator settles).
+            They run ``fn`` on the real inputs, so ``fn``'s writes (KV cache slots) are the
+            ones the replay then repeats.
+        device: where ``fn`` runs; picks the backend (:func:`graph_backend`). A device with
+            no backend is a ``ValueError``; an HPU device without ``habana_frameworks.torch``
+            is an ``ImportError`` (never a silent eager fallback).
     """
 
-    def __init__(self, fn: Callable[..., Tensor], warmup: int = 2):
+    def __init__(self, fn: Callable[..., Tensor], warmup: int = 2,
+                 device: torch.device | str = "cuda"):
+        backend = graph_backend(device)
+        if backend is None:
+            raise ValueError(f"GraphedStep: no device graphs on {torch.device(device).type!r} "
+                             "(CUDA and HPU only); call the function directly")
         self.fn = fn
         self.warmup = warmup
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Tensor], Tensor]] = {}
+        self.backend = _BACKENDS[backend]()
+        # per (shape, dtype) key: the graph, its static inputs and its output
+        self.graphs: dict[tuple, tuple[object, list[Tensor], Tensor]] = {}
 
     def __call__(self, *tensors: Tensor) -> Tensor:
         key = tuple((tuple(t.shape), t.dtype) for t in tensors)
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self._capture(tensors)
-            self.graphs[key] = entry
+            static_inputs = [t.clone() for t in tensors]
+            graph, static_output = self.backend.capture(self.fn, static_inputs, self.warmup)
+            entry = self.graphs[key] = graph, static_inputs, static_output
         graph, static_inputs, static_output = entry
         for static, value in zip(static_inputs, tensors):
             static.copy_(value, non_blocking=True)
         graph.replay()
         return static_output
-
-    def _capture(self, tensors: tuple[Tensor, ...]):
-        static_inputs = [t.clone() for t in tensors]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self.fn(*static_inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_output = self.fn(*static_inputs)
-        return graph, static_inputs, static_output

@@ -26,9 +26,9 @@ from torch import Tensor
 from . import ops
 from .controller import CostModel, DraftLengthController
 from .draft_model import DraftRunner, fit_vocab
-from .graphs import GraphedStep
+from .graphs import GraphedStep, graph_backend
 from .kv_ops import kv_commit
-from .models import SpecopsCausalLM, causal_lm
+from .models import CausalLM, causal_lm
 from .prompt_lookup import PromptLookup
 from .reference.draw import draw, sanitize
 from .reference.random import uniform
@@ -148,8 +148,10 @@ class SpeculativeGenerator:
     (the warm-up cost measurement and the controller's acceptance estimates carry over).
 
     Args:
-        target: a transformers ``LlamaForCausalLM``, ``Qwen2ForCausalLM`` or
-            ``MistralForCausalLM`` (any dtype; ``model.eval()``).
+        target: a transformers decoder-only causal LM (any dtype; ``model.eval()``), or a
+            wrapper from :func:`specops.models.causal_lm`. Llama, Qwen2 and Mistral run
+            through specops' compact forward, others through Hugging Face's own (eager,
+            never graphed; :mod:`specops.models`).
         draft: None (plain decoding in the specops loop), a transformers causal LM sharing
             the target's tokenizer, a :class:`PromptLookup` (or any :class:`Proposer`) or a
             :class:`Hybrid`.
@@ -164,9 +166,11 @@ class SpeculativeGenerator:
             ``tokenizer``); the token completing it is kept.
         tokenizer, draft_tokenizer: when both are given, their vocabularies must match.
         pad_token_id: fills ``sequences`` after a row's end.
-        cuda_graphs: on CUDA, replay the target's verify step and the draft's one-token
-            step from CUDA graphs captured once per shape (:mod:`specops.graphs`). Off by
-            default until it has been verified on a GPU; ignored on other devices.
+        cuda_graphs: replay the target's verify step and the draft's one-token step from
+            device graphs captured once per shape (:mod:`specops.graphs`): CUDA graphs on
+            CUDA, and HPU graphs through ``habana_frameworks.torch`` on Intel Gaudi
+            (untested on hardware); ignored on CPU. Off by default until it has been
+            verified on a GPU.
     """
 
     def __init__(self, target: torch.nn.Module, draft=None, *, num_draft_tokens: int | None = None,
@@ -177,7 +181,7 @@ class SpeculativeGenerator:
                  pad_token_id: int | None = None, cuda_graphs: bool = False):
         self.target = causal_lm(target)
         self.lookup: Proposer | None = None
-        self.draft: SpecopsCausalLM | None = None
+        self.draft: CausalLM | None = None
         self.min_match = 1
         if isinstance(draft, Hybrid):
             self.lookup, self.min_match = draft.lookup, draft.min_match
@@ -224,7 +228,7 @@ class SpeculativeGenerator:
         self.cuda_graphs = bool(cuda_graphs)
 
     @staticmethod
-    def _check_draft(target, draft, tokenizer, draft_tokenizer) -> SpecopsCausalLM:
+    def _check_draft(target, draft, tokenizer, draft_tokenizer) -> CausalLM:
         advice = ("pick a draft of the same model family (same tokenizer), or use "
                   "specops.PromptLookup(), which needs no model")
         if tokenizer is not None and draft_tokenizer is not None:
@@ -306,16 +310,18 @@ class _Run:
         lookahead = (tree.num_nodes if tree else gen.max_draft_tokens + 1) + 1
         self.capacity = max(self.prompt_lens) + max_new_tokens + lookahead
         self.cache = gen.target.new_cache(self.batch, self.capacity)
-        graphs = gen.cuda_graphs and self.device.type == "cuda"
+        # Hugging Face's eager forward (the fallback for other architectures) is never graphed
+        graphs = gen.cuda_graphs and graph_backend(self.device) is not None
         self.draft = (DraftRunner(gen.draft, self.batch, self.capacity, gen.target.vocab_size,
-                                  graphs=graphs)
+                                  graphs=graphs and gen.draft.graph_safe)
                       if gen.draft is not None else None)
         cache, target = self.cache, gen.target
 
         def verify_forward(tokens, lens, positions, mask=None):
             return target(tokens, cache, lens, positions, mask)
 
-        self.verify_forward = GraphedStep(verify_forward) if graphs else verify_forward
+        self.verify_forward = (GraphedStep(verify_forward, device=self.device)
+                               if graphs and target.graph_safe else verify_forward)
         self.seeds = gen.seed + torch.arange(self.batch, dtype=torch.int64, device=self.device)
         self.stats = GenerationStats()
         self.clock = PhaseClock(self.device)
@@ -465,7 +471,6 @@ class _Run:
         return tokens, probs, lens, use_model
 
     def _chain_step(self, num_draft: int) -> list[list[int]]:
-        gen, batch = self.gen, self.batch
         self.clock.switch("draft")
         started = time.perf_counter()
         tokens, probs, draft_lens, use_model = self._propose(num_draft)
@@ -539,7 +544,7 @@ class _Run:
         return torch.stack(draws, -1), probs
 
     def _tree_step(self) -> list[list[int]]:
-        gen, tree = self.gen, self.gen.tree
+        tree = self.gen.tree
         self.clock.switch("draft")
         draft_probs = None
         if isinstance(tree, StaticTree):
@@ -614,7 +619,7 @@ def generate(target: torch.nn.Module, input_ids: Tensor, *, draft=None,
     """Speculative generation: the target's output distribution, faster.
 
     Args:
-        target: a transformers Llama, Qwen2 or Mistral causal LM.
+        target: a transformers causal LM (see :class:`SpeculativeGenerator`).
         input_ids: Shape ``(batch_size, prompt_len)``, int64; with ``attention_mask``
             (same shape, 1 = token) rows may be left or right padded.
         draft: None (plain decoding), a draft model sharing the target's tokenizer,
@@ -626,7 +631,8 @@ def generate(target: torch.nn.Module, input_ids: Tensor, *, draft=None,
             uses seed ``seed + b``.
         eos_token_id, stop_strings, tokenizer: where rows end.
         streamer: called after every step with each row's new tokens (``list[list[int]]``).
-        cuda_graphs: see :class:`SpeculativeGenerator`.
+        cuda_graphs: see :class:`SpeculativeGenerator` (CUDA, and HPU through
+            ``habana_frameworks``, untested on hardware; ignored on CPU).
 
     Returns:
         :class:`GenerationOutput`. Options of Hugging Face's ``generate`` that this loop

@@ -166,13 +166,20 @@ def test_every_parameter_is_read_in_place(kind):
     torch.testing.assert_close(run()[0], hf_logits(model, tokens[0]), atol=1e-4, rtol=1e-4)
 
 
-def test_unsupported_models_are_refused():
+def test_other_models_fall_back_and_the_compact_forward_refuses_them():
+    """causal_lm sends what the compact forward cannot run to Hugging Face's forward
+    (tests/test_hf_eager.py checks that path); the compact class itself refuses them."""
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=32))
+    gelu = tiny_model("llama", hidden_act="gelu")
+    for model in (gpt2, gelu):
+        assert isinstance(specops.models.causal_lm(model), specops.models.HFEagerCausalLM)
+    assert isinstance(specops.models.causal_lm(tiny_model("qwen2")),
+                      specops.models.SpecopsCausalLM)
     with pytest.raises(ValueError, match=r"'gpt2'.*llama, mistral, qwen2"):
-        specops.models.causal_lm(gpt2)
+        specops.models.SpecopsCausalLM(gpt2)
     with pytest.raises(ValueError, match="hidden_act='gelu'"):
-        specops.models.causal_lm(tiny_model("llama", hidden_act="gelu"))
+        specops.models.SpecopsCausalLM(gelu)
     dynamic = dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0)
     with pytest.raises(ValueError, match="'dynamic'"):
         specops.models.causal_lm(tiny_model("llama", rope_parameters=dynamic))

@@ -1,10 +1,12 @@
 """specops' own model forward: Hugging Face weights, a static KV cache, specops attention.
 
-:func:`causal_lm` wraps a transformers causal LM in a :class:`SpecopsCausalLM`, whose forward
-is sync-free and shape-static (so the decoding loop can capture it in CUDA graphs) and serves
-prefill, chain and tree steps through one call. Supported: ``LlamaForCausalLM``,
-``MistralForCausalLM``, ``Qwen2ForCausalLM`` (``config.model_type`` in
-:data:`SUPPORTED_MODEL_TYPES`).
+:func:`causal_lm` wraps a transformers causal LM for the decoding loop. Llama, Mistral and
+Qwen2 (``config.model_type`` in :data:`SUPPORTED_MODEL_TYPES`, SiLU-gated MLP) get a
+:class:`SpecopsCausalLM`, whose forward is sync-free and shape-static (so the loop can capture
+it in device graphs) and serves prefill, chain and tree steps through one call. Other
+decoder-only models fall back to :class:`HFEagerCausalLM`: the same call through Hugging
+Face's own forward, eager, never graphed (:mod:`specops.models.hf_eager` says which models it
+takes).
 
 >>> lm = specops.models.causal_lm(hf_model)  # e.g. a Qwen2ForCausalLM
 >>> cache = lm.new_cache(batch_size=1, capacity=64)
@@ -21,26 +23,36 @@ prefill, chain and tree steps through one call. Supported: ``LlamaForCausalLM``,
 import torch
 
 from .cache import StaticKVCache
+from .hf_eager import HFEagerCausalLM
 from .llama import SUPPORTED_MODEL_TYPES, SpecopsCausalLM
 
-__all__ = ["causal_lm", "SpecopsCausalLM", "StaticKVCache", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["causal_lm", "CausalLM", "HFEagerCausalLM", "SpecopsCausalLM", "StaticKVCache",
+           "SUPPORTED_MODEL_TYPES"]
+
+CausalLM = SpecopsCausalLM | HFEagerCausalLM
 
 
-def causal_lm(model: torch.nn.Module) -> SpecopsCausalLM:
-    """Wraps a transformers causal LM for specops' forward, using its weights in place.
+def causal_lm(model: torch.nn.Module, *, hf_forward: bool = False) -> CausalLM:
+    """Wraps a transformers causal LM for the decoding loop, using its weights in place.
 
     Args:
-        model: A ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``Qwen2ForCausalLM`` (by
-            ``config.model_type``), with a SiLU-gated MLP; or a :class:`SpecopsCausalLM`,
-            returned as it is.
+        model: A transformers ``*ForCausalLM``; or a wrapper from an earlier call, returned
+            as it is.
+        hf_forward: Run even a supported family through :class:`HFEagerCausalLM` (for
+            comparison or debugging; slower, never graphed).
 
     Returns:
-        The wrapper; its forward runs under ``torch.no_grad`` whatever the model's mode.
+        A :class:`SpecopsCausalLM` for Llama / Mistral / Qwen2 with a SiLU-gated MLP, else
+        an :class:`HFEagerCausalLM`. Its forward runs under ``torch.no_grad``.
 
     Raises:
-        ValueError: for any other model type (the message names it and the supported ones),
-            another activation, or a dynamic rope scaling.
+        ValueError: for a dynamic rope scaling (either path), or a model the fallback cannot
+            hold (encoder-decoder, a cache that is not one key/value tensor per layer, ...):
+            the message names the model and the reason.
     """
-    if isinstance(model, SpecopsCausalLM):
+    if isinstance(model, (SpecopsCausalLM, HFEagerCausalLM)):
         return model
-    return SpecopsCausalLM(model)
+    config = getattr(model, "config", None)
+    native = (getattr(config, "model_type", None) in SUPPORTED_MODEL_TYPES
+              and getattr(config, "hidden_act", None) in ("silu", "swish"))
+    return SpecopsCausalLM(model) if native and not hf_forward else HFEagerCausalLM(model)

@@ -21,12 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _checks
 from ..attention_ops import tree_attention
 from ..hf import active_sliding_window
 from ..kv_ops import kv_write
 from ..linear_ops import KERNEL_DTYPES, MAX_ROWS, skinny_linear
-from .cache import StaticKVCache
+from .cache import StaticKVCache, check_step_inputs
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _OP = "SpecopsCausalLM.forward"
@@ -71,8 +70,9 @@ class SpecopsCausalLM:
         config: ``hf_model.config``.
         vocab_size: Rows of ``lm_head`` (the logits' last dim; may exceed the tokenizer's size).
         device, dtype: Those of the embedding matrix now (they follow ``hf_model.to(...)``);
-            caches and compute use them.
+            caches and compute use them (``cache_dtype`` = ``dtype``).
         num_layers: Decoder layers.
+        graph_safe: ``True``: the loop may capture this forward in a device graph.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -107,9 +107,20 @@ class SpecopsCausalLM:
         self.num_layers = len(self._layers)
         self.vocab_size = model.lm_head.weight.shape[0]
 
+    graph_safe = True  # sync-free, static shapes: the loop may capture it in a device graph
+
+    @property
+    def weight(self) -> Tensor:
+        """The embedding matrix: where the model lives."""
+        return self.hf_model.model.embed_tokens.weight
+
     @property
     def device(self) -> torch.device:
         return self.hf_model.model.embed_tokens.weight.device
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return self.dtype
 
     @property
     def dtype(self) -> torch.dtype:
@@ -214,36 +225,5 @@ class SpecopsCausalLM:
         return _linear(hidden, self.hf_model.lm_head).float()
 
     def _check_inputs(self, tokens, cache, cache_lens, positions, mask, logits_index, prefill):
-        """Dtypes, shapes and devices (metadata only: no sync, traceable)."""
-        _checks.check_tensor(_OP, "tokens", tokens, (torch.int64,), 2)
-        batch, num_new = tokens.shape
-        if num_new < 1:
-            raise ValueError(f"{_OP}: tokens must hold at least one token per row, "
-                             f"got shape {tuple(tokens.shape)}")
-        if not isinstance(cache, StaticKVCache):
-            raise TypeError(f"{_OP}: cache must be a StaticKVCache (from new_cache), "
-                            f"got {type(cache).__name__}")
-        expected = (batch, self.num_kv_heads, cache.capacity, self.head_dim)
-        layers_ok = len(cache.keys) == len(cache.values) == self.num_layers
-        if not layers_ok or any(t.shape != expected or t.dtype != self.dtype
-                                for t in (*cache.keys, *cache.values)):
-            raise ValueError(f"{_OP}: cache must hold {self.num_layers} layers of "
-                             f"{list(expected)} {self.dtype} keys and values for this model "
-                             f"and batch, got {cache!r}")
-        _checks._check_row_vectors(_OP, batch, cache_lens=(cache_lens, torch.int32))
-        _checks.check_tensor(_OP, "positions", positions, (torch.int64,), 2)
-        _checks.check_size(_OP, "positions", positions, 0, batch, "B")
-        _checks.check_size(_OP, "positions", positions, 1, num_new, "T")
-        if mask is not None:
-            if prefill:
-                raise ValueError(f"{_OP}: prefill=True runs causal attention and takes no "
-                                 f"mask; pass mask=None or prefill=False")
-            _checks.check_tensor(_OP, "mask", mask, (torch.bool,), 3)
-            for dim, (size, what) in enumerate(((batch, "B"), (num_new, "T"), (num_new, "T"))):
-                _checks.check_size(_OP, "mask", mask, dim, size, what)
-        if logits_index is not None:
-            _checks.check_tensor(_OP, "logits_index", logits_index, (torch.int64,), 2)
-            _checks.check_size(_OP, "logits_index", logits_index, 0, batch, "B")
-        _checks.check_same_device(_OP, self.hf_model.model.embed_tokens.weight, tokens=tokens,
-                                  cache=cache.keys[0], cache_lens=cache_lens,
-                                  positions=positions, mask=mask, logits_index=logits_index)
+        check_step_inputs(_OP, self, tokens, cache, cache_lens, positions, mask, logits_index,
+                          prefill)
