@@ -6,8 +6,9 @@
 
 | figure | from |
 |---|---|
-| ``e2e_speedup.png``: speedup over ``plain`` and over ``hf-assisted`` by category and method | the newest ``e2e_cpu/*_summary.csv`` (or ``--e2e``) |
+| ``e2e_speedup.png``: speedup over ``plain`` and over ``hf-assisted`` by category and method | the headline ``e2e_cpu/*_summary.csv``: greedy, batch 1, the most categories, then the newest (or ``--e2e``) |
 | ``e2e_acceptance.png``: acceptance per draft position, per category and method | the same summary |
+| ``e2e_code_modes.png``: speedup over ``plain`` on code, greedy batch 1 / sampling / batch > 1 | the newest summary of each mode that has code |
 | ``gpu_tokens_vs_alpha.png``: loop tokens/s against alpha for several draft lengths, with the ceiling (dashed) and the baselines | ``gpu_e2e/*.csv`` except ``--tiny`` runs (or ``--gpu``) |
 | ``ops_cpu.png``: verify ops per provider | ``ops_cpu.csv`` |
 | ``tree_attention_cpu.png``: tree attention against SDPA | ``tree_attention_cpu.csv`` |
@@ -126,6 +127,59 @@ def plot_e2e(summary: Path, out: Path, written: list[Path]) -> None:
     save(fig, out / "e2e_acceptance.png", written)
 
 
+def summary_mode(rows: list[dict]) -> str:
+    """``"greedy"``, ``"sampling"`` or ``"batch N"`` (greedy) of one summary's rows."""
+    first = rows[0]
+    if str(first.get("batch", "1")) not in ("", "1"):
+        return f"batch {first['batch']}" + (", sampling" if first.get("sampling") == "True"
+                                             else "")
+    return "sampling" if first.get("sampling") == "True" else "greedy"
+
+
+def headline_summary(paths: list[Path]) -> Path | None:
+    """The greedy batch-1 summary with the most categories, newest among those (file names
+    carry the UTC start time); a narrower or sampled run never replaces it."""
+    best, best_key = None, None
+    for path in paths:
+        rows = read_csv(path)
+        if not rows or summary_mode(rows) != "greedy":
+            continue
+        key = (len({r["category"] for r in rows}), path.name)
+        if best_key is None or key > best_key:
+            best, best_key = path, key
+    return best
+
+
+def plot_code_modes(paths: list[Path], out: Path, written: list[Path]) -> None:
+    """Speedup over plain on code for the newest summary of each mode (greedy batch 1,
+    sampling, batch > 1), methods side by side; skipped with fewer than two modes."""
+    newest_by_mode: dict[str, tuple[Path, list[dict]]] = {}
+    for path in sorted(paths):                        # names sort by start time
+        rows = [r for r in read_csv(path) if r["category"] == "code"]
+        if rows:
+            newest_by_mode[summary_mode(rows)] = (path, rows)
+    if len(newest_by_mode) < 2:
+        print("e2e_code_modes.png skipped: fewer than two code runs of different modes")
+        return
+    modes = sorted(newest_by_mode, key=lambda m: (m != "greedy", m))
+    methods = list(dict.fromkeys(r["method"] for _, rows in newest_by_mode.values()
+                                 for r in rows if r["method"] != "plain"))
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    value = {(mode, r["method"]): number(r["speedup_vs_plain"])
+             for mode, (_, rows) in newest_by_mode.items() for r in rows}
+    fig, ax = plt.subplots(figsize=(9, 4))
+    groups = [f"{mode} ({newest_by_mode[mode][1][0].get('max_new_tokens', '?')} tokens)"
+              for mode in modes]
+    grouped_bars(ax, groups, {m: [value.get((mode, m)) for mode in modes] for m in methods},
+                 "tokens/s / plain", colors=colors)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.legend(fontsize=7, ncol=2)
+    first = next(iter(newest_by_mode.values()))[1][0]
+    ax.set_title(f"code: speedup over plain decoding by mode (geometric mean over prompts); "
+                 f"{first.get('machine', '')}", fontsize=9)
+    save(fig, out / "e2e_code_modes.png", written)
+
+
 # --------------------------------------------------------------------------- GPU loop
 def plot_gpu(paths: list[Path], out: Path, written: list[Path]) -> None:
     rows = [dict(r, _file=p.name) for p in paths for r in read_csv(p)]
@@ -230,17 +284,20 @@ def main(argv=None) -> list[Path]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", type=Path, default=BENCH / "results")
     p.add_argument("--out", type=Path, help="default: RESULTS/figures")
-    p.add_argument("--e2e", type=Path, help="an e2e summary CSV (default: the newest)")
+    p.add_argument("--e2e", type=Path,
+                   help="the e2e summary CSV of the first two figures (default: the headline)")
     p.add_argument("--gpu", type=Path, nargs="*", help="GPU suite CSVs (default: all non-tiny)")
     args = p.parse_args(argv)
     out = args.out or args.results / "figures"
     written: list[Path] = []
 
-    summary = args.e2e or max((args.results / "e2e_cpu").glob("*_summary.csv"), default=None)
+    summaries = sorted((args.results / "e2e_cpu").glob("*_summary.csv"))
+    summary = args.e2e or headline_summary(summaries)
     if summary is not None and summary.exists():
         plot_e2e(summary, out, written)
     else:
-        print("e2e figures skipped: no e2e_cpu/*_summary.csv (run bench/bench_e2e.py)")
+        print("e2e figures skipped: no greedy e2e_cpu/*_summary.csv (run bench/bench_e2e.py)")
+    plot_code_modes(summaries, out, written)
 
     gpu = args.gpu if args.gpu is not None else sorted(
         f for f in (args.results / "gpu_e2e").glob("*.csv") if "_tiny_" not in f.name)

@@ -301,7 +301,17 @@ def test_plot_makes_every_figure(tmp_path, capsys):
                 acceptance_per_position="0.9 0.7 -" if m == "chain-auto" else "")
            for c in ("code", "chat") for m, s in (("plain", 10.0), ("hf-assisted", 8.0),
                                                   ("chain-auto", 17.0))]
-    bench_e2e.write_summary(results / "e2e_cpu" / "e2e_x_summary.csv", e2e)
+    headline = results / "e2e_cpu" / "e2e_20260101T000000Z_summary.csv"
+    bench_e2e.write_summary(headline, e2e)
+    code = [r for r in e2e if r["category"] == "code"]
+    # a newer sampling run and a newer, narrower greedy run: neither is the headline
+    bench_e2e.write_summary(results / "e2e_cpu" / "e2e_20260102T000000Z_summary.csv",
+                            [dict(r, sampling=True) for r in code])
+    bench_e2e.write_summary(results / "e2e_cpu" / "e2e_20260103T000000Z_summary.csv", code)
+    summaries = sorted((results / "e2e_cpu").glob("*_summary.csv"))
+    assert plot.headline_summary(summaries) == headline
+    assert plot.summary_mode(plot.read_csv(summaries[1])) == "sampling"
+    assert plot.summary_mode([dict(batch="4", sampling="False")]) == "batch 4"
     gpu = [dict(common, pair="llama3-8b", tiny=False, section="loop", batch=1, alpha=a, g=g,
                 tokens_per_s=100 * a * g, ceiling_tokens_per_s=150 * a * g, status="ok")
            for a in (0.6, 0.8) for g in (1, 2)]
@@ -327,8 +337,9 @@ def test_plot_makes_every_figure(tmp_path, capsys):
 
     written = plot.main(["--results", str(results), "--out", str(tmp_path / "figs")])
     names = sorted(p.name for p in written)
-    assert names == sorted(["e2e_speedup.png", "e2e_acceptance.png", "gpu_tokens_vs_alpha.png",
-                            "ops_cpu.png", "tree_attention_cpu.png", "kv_commit_cpu.png"])
+    assert names == sorted(["e2e_speedup.png", "e2e_acceptance.png", "e2e_code_modes.png",
+                            "gpu_tokens_vs_alpha.png", "ops_cpu.png", "tree_attention_cpu.png",
+                            "kv_commit_cpu.png"])
     for path in written:
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, path
@@ -336,7 +347,7 @@ def test_plot_makes_every_figure(tmp_path, capsys):
     # nothing to draw: every figure is skipped with a message
     assert plot.main(["--results", str(tmp_path / "empty"), "--out", str(tmp_path / "f2")]) == []
     out = capsys.readouterr().out
-    assert out.count("skipped") == 5 and not (tmp_path / "f2").exists()
+    assert out.count("skipped") == 6 and not (tmp_path / "f2").exists()
 
 
 def test_plot_takes_each_case_from_its_newest_run():
