@@ -11,7 +11,8 @@ rotated by one per (prompt, repetition), so the methods share the machine's nois
 | ``hf-assisted`` | ``target.generate(ids, assistant_model=draft)``, adaptive state reset before each call |
 | ``chain-fixed-K`` | ``specops.generate(..., draft=draft, num_draft_tokens=K)`` (``--k``, default 4) |
 | ``chain-auto`` | ``specops.generate(..., draft=draft)``: the cost-aware draft length |
-| ``tree`` | ``specops.generate(..., draft=draft, tree=DynamicTree(depth=4, top_k=4, num_nodes=16))`` |
+| ``tree`` | ``specops.generate(..., draft=draft, tree=DynamicTree(depth=4, top_k=4, num_nodes=16))``: cost-aware size (up to 16 nodes verified, or plain steps) |
+| ``tree-fixed`` | the same tree with ``adaptive=False``: all 16 nodes every step (not in the default set) |
 | ``prompt-lookup`` | ``specops.generate(..., draft=PromptLookup(max_ngram=3))``, cost-aware length |
 | ``hybrid`` | ``specops.generate(..., draft=Hybrid(draft, PromptLookup()))``, cost-aware length |
 
@@ -85,6 +86,7 @@ import shlex
 import statistics
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,12 +100,12 @@ from bench_ops import git_commit, machine  # noqa: E402
 from prompts import CATEGORIES, LABELS, load_prompts  # noqa: E402
 
 import specops  # noqa: E402
-from specops.controller import DraftLengthController  # noqa: E402
 from specops import DynamicTree, Hybrid, PromptLookup, SpeculativeGenerator  # noqa: E402
 
 BASE_METHODS = ("plain", "hf-plain", "hf-assisted", "chain-fixed", "chain-auto", "tree",
                 "prompt-lookup", "hybrid")
-NEEDS_DRAFT = {"hf-assisted", "chain-auto", "tree", "hybrid"}  # and chain-fixed-K
+EXTRA_METHODS = ("tree-fixed",)   # named in --methods only
+NEEDS_DRAFT = {"hf-assisted", "chain-auto", "tree", "tree-fixed", "hybrid"}  # + chain-fixed-K
 TREE = DynamicTree(depth=4, top_k=4, num_nodes=16)
 SUMMARY_COLUMNS = [
     "date", "commit", "machine", "num_threads", "target", "draft", "draft_dtype", "category",
@@ -166,8 +168,9 @@ def method_names(spec: str | None, k: int) -> list[str]:
         if name == "chain-fixed":
             name = f"chain-fixed-{k}"
         base = "chain-fixed" if name.startswith("chain-fixed-") else name
-        if base not in BASE_METHODS or (base == "chain-fixed" and not name[12:].isdigit()):
-            raise SystemExit(f"unknown method {name!r}; known: {', '.join(BASE_METHODS)} "
+        known = BASE_METHODS + EXTRA_METHODS
+        if base not in known or (base == "chain-fixed" and not name[12:].isdigit()):
+            raise SystemExit(f"unknown method {name!r}; known: {', '.join(known)} "
                              f"(chain-fixed-K for a fixed K)")
         out.append(name)
     return out
@@ -185,9 +188,8 @@ def make_methods(names: list[str], target, draft, opts: Options, args) -> dict:
 
         def call(ids, mask, max_new_tokens, rep):
             gen.seed = opts.seed + rep
-            if (not args.carry_controller and getattr(gen, "cost", None) is not None
-                    and getattr(gen, "controller", None) is not None):
-                gen.controller = DraftLengthController(gen.cost, gen.max_draft_tokens)
+            if not args.carry_controller:
+                gen.reset_estimates()
             out = gen.generate(ids, mask, max_new_tokens=max_new_tokens)
             width = ids.shape[1]
             rows = [out.sequences[b, width:width + n].tolist()
@@ -238,6 +240,8 @@ def make_methods(names: list[str], target, draft, opts: Options, args) -> dict:
             methods[name] = specops_method(draft)
         elif name == "tree":
             methods[name] = specops_method(draft, tree=TREE)
+        elif name == "tree-fixed":
+            methods[name] = specops_method(draft, tree=dataclasses.replace(TREE, adaptive=False))
         elif name == "prompt-lookup":
             methods[name] = specops_method(PromptLookup(max_ngram=3))
         elif name == "hybrid":

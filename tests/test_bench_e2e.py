@@ -141,6 +141,15 @@ def run_quiet(main, argv: list[str]):
 
 
 # --------------------------------------------------------------------------- CPU suite
+def test_method_names():
+    import bench_e2e
+    assert bench_e2e.method_names("plain,chain-fixed,chain-fixed-6,tree,tree-fixed", 3) == [
+        "plain", "chain-fixed-3", "chain-fixed-6", "tree", "tree-fixed"]
+    assert "tree-fixed" not in bench_e2e.method_names(None, 4)     # opt-in
+    with pytest.raises(SystemExit, match="unknown method 'bush'"):
+        bench_e2e.method_names("bush", 4)
+
+
 def test_first_divergence_and_speedup_summary():
     import bench_e2e
     assert bench_e2e.first_divergence([1, 2, 3], [1, 2, 3]) is None

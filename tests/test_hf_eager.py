@@ -140,7 +140,8 @@ def test_fallback_equals_the_compact_forward_on_qwen2():
 def drafters(draft):
     return {"chain-3": dict(draft=draft, num_draft_tokens=3),
             "chain-auto": dict(draft=draft),
-            "tree": dict(draft=draft, tree=specops.DynamicTree(depth=3, top_k=2, num_nodes=6)),
+            "tree": dict(draft=draft, tree=specops.DynamicTree(depth=3, top_k=2, num_nodes=6,
+                                                               adaptive=False)),
             "static-tree": dict(draft=draft, tree=specops.StaticTree((2, 2))),
             "lookup": dict(draft=specops.PromptLookup(max_ngram=2), num_draft_tokens=4),
             "hybrid": dict(draft=specops.Hybrid(draft, specops.PromptLookup(max_ngram=2)),
