@@ -198,7 +198,7 @@ class SpeculativeGenerator:
         if isinstance(draft, Proposer) and not isinstance(draft, torch.nn.Module):
             self.lookup, draft = draft, None
         if draft is not None:
-            self.draft = self._check_draft(target, draft, tokenizer, draft_tokenizer)
+            self.draft = self._check_draft(self.target, draft, tokenizer, draft_tokenizer)
         if tree is not None and not isinstance(tree, (DynamicTree, StaticTree)):
             raise TypeError(f"tree must be None, specops.DynamicTree or specops.StaticTree, got "
                             f"{type(tree).__name__}")
@@ -259,12 +259,11 @@ class SpeculativeGenerator:
                              f"{_special_ids(draft.config)} differ from the target's "
                              f"{_special_ids(target.config)}, so their tokenizers differ: "
                              f"{advice}")
-        target_device = next(target.parameters()).device
-        draft_device = next(draft.parameters()).device
-        if target_device != draft_device:
-            raise ValueError(f"the draft model is on {draft_device} and the target on "
-                             f"{target_device}: move both to one device")
-        return causal_lm(draft)
+        draft = causal_lm(draft)
+        if target.device != draft.device:
+            raise ValueError(f"the draft model is on {draft.device} and the target on "
+                             f"{target.device}: move both to one device")
+        return draft
 
     # ----------------------------------------------------------------------------- entry
     @torch.no_grad()
