@@ -629,7 +629,10 @@ class _Run:
             control.update(predicted, float(sum(accepted[b] for b in active)))
             self._learn_cost(tree_tokens.shape[1] - 1, False, 0.0,
                              time.perf_counter() - verify_started)
-        self._record(tree.depth, [tree.depth] * self.batch, accepted)
+        levels = tree.depth
+        if control is not None and tree_tokens.shape[1] < tree.num_nodes:
+            levels = int(depth.max())       # a pruned tree may be shallower than tree.depth
+        self._record(levels, [levels] * self.batch, accepted)
         return [o[:a + 1] for o, a in zip(out_list, accepted)]
 
     # ------------------------------------------------------------------------- output
