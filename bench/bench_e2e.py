@@ -27,7 +27,8 @@ Estimated time with the default pair on 2 CPU cores (plain decoding of the 1.5B 
 about 3 tokens/s, prompts of 100-700 tokens; about 19 s per call at 64 new tokens measured
 over a whole run): ``--quick --max-new-tokens 64`` (64 measured calls) about 20 minutes, the
 full run (192 calls of 96 tokens) about 90 minutes; ``bench/run_cpu_suite.sh`` runs the full
-greedy run, then the sampling and batch-4 runs on code (about 2 hours in all).
+greedy run, the sampling and batch-4 runs on code, and two short comparisons (cost-aware tree
+against fixed tree; fixed draft lengths against the cost-aware one): about 2 hours 20 minutes.
 ``--categories``, ``--methods``, ``--prompts`` and ``--reps`` cut it down or widen it. Both models in memory take about 7.5 GB (target float32, draft
 bfloat16).
 
