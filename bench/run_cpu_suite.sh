@@ -5,7 +5,7 @@
 #   batch:    batch 4 (left padded) on code, greedy: 4 prompts in one batch, 2 reps, 64 tokens
 #   extras:   into bench/results/e2e_cpu_extra/: the cost-aware tree against the fixed-size
 #             tree (code and chat, 2 prompts, 64 tokens), and fixed draft lengths 2-8 against
-#             the cost-aware length on code (3 prompts, 96 tokens); 1 repetition each
+#             the cost-aware length on code (2 prompts, 96 tokens); 1 repetition each
 # Each run writes its own e2e_<date>.jsonl + _summary.csv as it goes (one record per call,
 # flushed), so a stopped run keeps what it measured. About 2 hours 20 minutes on 2 cores; run
 # it on a quiet machine (other work on the cores shows up in the numbers).
@@ -27,7 +27,7 @@ for step in $STEPS; do
     extras)
       run --categories code,chat --methods plain,chain-auto,tree,tree-fixed --prompts 2 \
           --reps 1 --max-new-tokens 64 --out "$EXTRA_OUT"
-      run --categories code --prompts 3 --reps 1 --max-new-tokens 96 --out "$EXTRA_OUT" \
+      run --categories code --prompts 2 --reps 1 --max-new-tokens 96 --out "$EXTRA_OUT" \
           --methods plain,chain-fixed-2,chain-fixed-3,chain-fixed-4,chain-fixed-6,chain-fixed-8,chain-auto
       ;;
     *) echo "unknown step $step (greedy, sampling, batch, extras)" >&2; exit 2 ;;
