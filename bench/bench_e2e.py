@@ -11,7 +11,8 @@ rotated by one per (prompt, repetition), so the methods share the machine's nois
 | ``hf-assisted`` | ``target.generate(ids, assistant_model=draft)``, adaptive state reset before each call |
 | ``chain-fixed-K`` | ``specops.generate(..., draft=draft, num_draft_tokens=K)`` (``--k``, default 4) |
 | ``chain-auto`` | ``specops.generate(..., draft=draft)``: the cost-aware draft length |
-| ``tree`` | ``specops.generate(..., draft=draft, tree=DynamicTree(depth=4, top_k=4, num_nodes=16))`` |
+| ``tree`` | ``specops.generate(..., draft=draft, tree=DynamicTree(depth=4, top_k=4, num_nodes=16))``: cost-aware size (up to 16 nodes verified, or plain steps) |
+| ``tree-fixed`` | the same tree with ``adaptive=False``: all 16 nodes every step (not in the default set) |
 | ``prompt-lookup`` | ``specops.generate(..., draft=PromptLookup(max_ngram=3))``, cost-aware length |
 | ``hybrid`` | ``specops.generate(..., draft=Hybrid(draft, PromptLookup()))``, cost-aware length |
 
@@ -26,7 +27,8 @@ Estimated time with the default pair on 2 CPU cores (plain decoding of the 1.5B 
 about 3 tokens/s, prompts of 100-700 tokens; about 19 s per call at 64 new tokens measured
 over a whole run): ``--quick --max-new-tokens 64`` (64 measured calls) about 20 minutes, the
 full run (192 calls of 96 tokens) about 90 minutes; ``bench/run_cpu_suite.sh`` runs the full
-greedy run, then the sampling and batch-4 runs on code (about 2 hours in all).
+greedy run, the sampling and batch-4 runs on code, and two short comparisons (cost-aware tree
+against fixed tree; fixed draft lengths against the cost-aware one): about 2 hours 20 minutes.
 ``--categories``, ``--methods``, ``--prompts`` and ``--reps`` cut it down or widen it. Both models in memory take about 7.5 GB (target float32, draft
 bfloat16).
 
@@ -67,8 +69,10 @@ Output (``--out``, default ``bench/results/e2e_cpu/``), files named ``e2e_<UTC d
   row the first index where it differs (``null`` when identical; ``null`` flags when sampling).
 - ``_summary.csv``: one row per category x method: tokens/s median, p10, p90 over runs;
   ``speedup_vs_plain`` / ``speedup_vs_hf_assisted`` = geometric mean over prompts of (median
-  tokens/s of the method on the prompt / median of the baseline on the same prompt); ``tau`` =
-  mean tokens emitted per row and step; acceptance per draft position (pooled counts; ``-``
+  tokens/s of the method on the prompt / median of the baseline on the same prompt);
+  ``decode_speedup_vs_plain`` = the same over ``plain`` for the decode phase alone (new tokens
+  / (loop seconds - prefill seconds); specops methods only: Hugging Face's calls have no
+  split); ``tau`` = mean tokens emitted per row and step; acceptance per draft position (pooled counts; ``-``
   where no run reached a position); mean draft length; prefill/draft/verify/overhead share of
   the loop's time; share of runs identical to plain greedy and to Hugging Face greedy (empty
   when sampling).
@@ -85,6 +89,7 @@ import shlex
 import statistics
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,18 +103,18 @@ from bench_ops import git_commit, machine  # noqa: E402
 from prompts import CATEGORIES, LABELS, load_prompts  # noqa: E402
 
 import specops  # noqa: E402
-from specops.controller import DraftLengthController  # noqa: E402
 from specops import DynamicTree, Hybrid, PromptLookup, SpeculativeGenerator  # noqa: E402
 
 BASE_METHODS = ("plain", "hf-plain", "hf-assisted", "chain-fixed", "chain-auto", "tree",
                 "prompt-lookup", "hybrid")
-NEEDS_DRAFT = {"hf-assisted", "chain-auto", "tree", "hybrid"}  # and chain-fixed-K
+EXTRA_METHODS = ("tree-fixed",)   # named in --methods only
+NEEDS_DRAFT = {"hf-assisted", "chain-auto", "tree", "tree-fixed", "hybrid"}  # + chain-fixed-K
 TREE = DynamicTree(depth=4, top_k=4, num_nodes=16)
 SUMMARY_COLUMNS = [
     "date", "commit", "machine", "num_threads", "target", "draft", "draft_dtype", "category",
     "label", "method", "batch", "sampling", "max_new_tokens", "prompts", "reps", "runs",
     "tok_s_median", "tok_s_p10", "tok_s_p90", "speedup_vs_plain", "speedup_vs_hf_assisted",
-    "tau", "acceptance_per_position", "mean_draft_length", "prefill_share", "draft_share",
+    "decode_speedup_vs_plain", "tau", "acceptance_per_position", "mean_draft_length", "prefill_share", "draft_share",
     "verify_share", "overhead_share", "identical_to_plain", "identical_to_hf_plain",
     "mean_new_tokens"]
 
@@ -166,8 +171,9 @@ def method_names(spec: str | None, k: int) -> list[str]:
         if name == "chain-fixed":
             name = f"chain-fixed-{k}"
         base = "chain-fixed" if name.startswith("chain-fixed-") else name
-        if base not in BASE_METHODS or (base == "chain-fixed" and not name[12:].isdigit()):
-            raise SystemExit(f"unknown method {name!r}; known: {', '.join(BASE_METHODS)} "
+        known = BASE_METHODS + EXTRA_METHODS
+        if base not in known or (base == "chain-fixed" and not name[12:].isdigit()):
+            raise SystemExit(f"unknown method {name!r}; known: {', '.join(known)} "
                              f"(chain-fixed-K for a fixed K)")
         out.append(name)
     return out
@@ -185,9 +191,8 @@ def make_methods(names: list[str], target, draft, opts: Options, args) -> dict:
 
         def call(ids, mask, max_new_tokens, rep):
             gen.seed = opts.seed + rep
-            if (not args.carry_controller and getattr(gen, "cost", None) is not None
-                    and getattr(gen, "controller", None) is not None):
-                gen.controller = DraftLengthController(gen.cost, gen.max_draft_tokens)
+            if not args.carry_controller:
+                gen.reset_estimates()
             out = gen.generate(ids, mask, max_new_tokens=max_new_tokens)
             width = ids.shape[1]
             rows = [out.sequences[b, width:width + n].tolist()
@@ -238,6 +243,8 @@ def make_methods(names: list[str], target, draft, opts: Options, args) -> dict:
             methods[name] = specops_method(draft)
         elif name == "tree":
             methods[name] = specops_method(draft, tree=TREE)
+        elif name == "tree-fixed":
+            methods[name] = specops_method(draft, tree=dataclasses.replace(TREE, adaptive=False))
         elif name == "prompt-lookup":
             methods[name] = specops_method(PromptLookup(max_ngram=3))
         elif name == "hybrid":
@@ -305,6 +312,15 @@ def summarise(records: list[dict], header: dict) -> list[dict]:
         key = (r["category"], tuple(r["prompt_ids"]), r["method"])
         per_prompt.setdefault(key, []).append(r["tokens_per_second"])
     medians = {key: statistics.median(v) for key, v in per_prompt.items()}
+    # the decode phase alone: new tokens over the loop's time minus prefill (specops only)
+    per_prompt_decode: dict[tuple, list[float]] = {}
+    for r in runs:
+        s = r["stats"]
+        if s and s["total_seconds"] > s["prefill_seconds"]:
+            key = (r["category"], tuple(r["prompt_ids"]), r["method"])
+            per_prompt_decode.setdefault(key, []).append(
+                sum(r["new_tokens"]) / (s["total_seconds"] - s["prefill_seconds"]))
+    decode_medians = {key: statistics.median(v) for key, v in per_prompt_decode.items()}
     rows = []
     keys = sorted({(r["category"], r["method"]) for r in runs},
                   key=lambda cm: (CATEGORIES.index(cm[0]) if cm[0] in CATEGORIES else 99,
@@ -314,9 +330,10 @@ def summarise(records: list[dict], header: dict) -> list[dict]:
         speeds = [r["tokens_per_second"] for r in mine]
         prompts = sorted({tuple(r["prompt_ids"]) for r in mine})
 
-        def speedup(baseline):
-            ratios = [medians[(category, p, method)] / medians[(category, p, baseline)]
-                      for p in prompts if (category, p, baseline) in medians]
+        def speedup(baseline, table=medians):
+            ratios = [table[(category, p, method)] / table[(category, p, baseline)]
+                      for p in prompts
+                      if (category, p, baseline) in table and (category, p, method) in table]
             return geomean(ratios)
 
         stats = [r["stats"] for r in mine if r["stats"]]
@@ -329,6 +346,7 @@ def summarise(records: list[dict], header: dict) -> list[dict]:
                    tok_s_median=statistics.median(speeds), tok_s_p10=quantile(speeds, 0.1),
                    tok_s_p90=quantile(speeds, 0.9), speedup_vs_plain=speedup("plain"),
                    speedup_vs_hf_assisted=speedup("hf-assisted"),
+                   decode_speedup_vs_plain=speedup("plain", decode_medians),
                    mean_new_tokens=statistics.mean(sum(r["new_tokens"]) / len(r["new_tokens"])
                                                    for r in mine))
         row.update(_stats_columns(stats))
@@ -426,6 +444,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--carry-controller", action="store_true",
                    help="keep the controller's acceptance estimates across calls")
     p.add_argument("--out", type=Path, default=BENCH / "results" / "e2e_cpu")
+    p.add_argument("--resummarise", type=Path, metavar="JSONL",
+                   help="rewrite JSONL's _summary.csv from its records (no models, no runs)")
     args = p.parse_args(argv)
     args.prompts = args.prompts or (2 if args.quick else 3)
     args.reps = args.reps or (1 if args.quick else 2)
@@ -475,8 +495,20 @@ def header_record(args, prompts: dict, opts: Options) -> dict:
                 prompt_sources={c: ps[0].source for c, ps in prompts.items() if ps})
 
 
+def resummarise(jsonl: Path) -> Path:
+    """Rewrites the summary of a finished (or stopped) run from its raw records."""
+    records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    rows = summarise(records, records[0])
+    summary = jsonl.with_name(jsonl.stem + "_summary.csv")
+    write_summary(summary, rows)
+    print_summary(rows)
+    return summary
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
+    if args.resummarise:
+        return resummarise(args.resummarise)
     if args.threads:
         torch.set_num_threads(args.threads)
     from specops.pretrained import load_model

@@ -31,6 +31,7 @@ from .tree_ops import tree_metadata, tree_verify, tree_verify_greedy  # noqa: E4
 from .trees import (  # noqa: E402
     chain_parents,
     grow_tree,
+    keep_best_nodes,
     pack_tree_mask,
     tokens_from_topk,
     tree_children,
@@ -47,7 +48,8 @@ __all__ = ["chain_verify", "chain_verify_greedy", "sampling_probs", "set_backend
            "use_backend", "set_checks", "get_checks", "reference", "tree_metadata",
            "tree_verify", "tree_verify_greedy", "tree_children", "tree_paths", "pack_tree_mask",
            "unpack_tree_mask", "chain_parents", "tree_from_choices", "tokens_from_topk",
-           "grow_tree", "kv_commit", "kv_write", "tree_attention", "skinny_linear", "hf",
+           "grow_tree", "keep_best_nodes", "kv_commit", "kv_write", "tree_attention",
+           "skinny_linear", "hf",
            "generate", "SpeculativeGenerator", "GenerationOutput", "DynamicTree", "Hybrid",
            "PromptLookup", "Proposer", "StaticTree"]
 

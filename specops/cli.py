@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--hybrid", action="store_true",
                       help="prompt lookup where it matches, the draft model elsewhere")
     mode.add_argument("--tree", metavar="DEPTH,TOPK,NODES",
-                      help="dynamic draft trees (EAGLE-2), e.g. 4,4,16")
+                      help="dynamic draft trees (EAGLE-2), e.g. 4,4,16; with --num-draft "
+                           "auto (default) the size verified per step is cost-aware, with a "
+                           "number every step verifies all NODES")
     gen.add_argument("--num-draft", default="auto", metavar="N|auto",
                      help="draft tokens per step, or 'auto' for the cost-aware controller")
     gen.add_argument("--max-new-tokens", type=int, default=128)
@@ -112,7 +114,8 @@ def check_options(args: argparse.Namespace) -> dict:
             raise CliError(f"--tree takes DEPTH,TOPK,NODES (three integers, e.g. 4,4,16), "
                            f"got {args.tree!r}")
         try:
-            tree = specops.DynamicTree(depth=depth, top_k=top_k, num_nodes=nodes)
+            tree = specops.DynamicTree(depth=depth, top_k=top_k, num_nodes=nodes,
+                                       adaptive=num_draft is None)
         except ValueError as err:
             raise CliError(f"--tree: {err}")
     no_draft = args.draft is not None and args.draft.lower() == "none"

@@ -227,3 +227,123 @@ class DraftLengthController:
         self._accepted *= self.decay
         self._tried[:num_draft] += at_least[:-1]
         self._accepted[:num_draft] += at_least[1:]
+
+
+class TreeSizeController:
+    """Cost-aware size of EAGLE-2 dynamic trees: how many of the grown tree's best nodes to
+    verify, and whether to grow a tree at all.
+
+    A node's chance of lying on the target's accepted path is estimated by its path
+    probability under the draft (``exp`` of :func:`specops.grow_tree`'s score) times a
+    calibration factor ``c``, learned online as the ratio of accepted tokens to the predicted
+    ones (discounted sums with ``decay``, starting from ``c = 1``). Keeping the ``n`` best
+    non-root nodes (an ancestor-closed subtree: scores never increase along a path) then
+    emits ``1 + c * sum of their path probabilities`` tokens per row in expectation, for
+    ``growth_seconds + verify_seconds(n + 1) + overhead`` seconds. :meth:`choose_size` takes
+    the ``n`` with the best ratio summed over rows.
+
+    Growing a tree costs its ``depth`` draft passes whatever is verified after, so
+    :meth:`use_tree` first compares the rate the last tree steps predicted (after
+    calibration) with plain decoding's ``1 / (verify_seconds(1) + overhead)``; while plain
+    decoding is better, every ``probe_every``-th call grows a tree anyway, which refreshes
+    the estimates (the probing rule of :class:`DraftLengthController`).
+
+    Args:
+        cost: Its ``verify_seconds`` are the target's; ``draft_step_seconds`` is unused here.
+        growth_seconds: Seconds to grow one tree (all ``depth`` draft passes), ``>= 0``;
+            :attr:`growth_seconds` may be refined later.
+        max_nodes: The grown tree's nodes, root included, ``>= 2``.
+        decay: In ``(0, 1]``, per :meth:`update`.
+        probe_every: ``>= 1``.
+
+    Attributes:
+        calibration: The current ``c``.
+        chosen_sizes: ``{non-root nodes verified: times}``; 0 counts plain steps.
+        num_probes: Trees grown while plain decoding looked better.
+    """
+
+    def __init__(self, cost: CostModel, growth_seconds: float, max_nodes: int, *,
+                 decay: float = 0.9, probe_every: int = 16):
+        name = "TreeSizeController"
+        if max_nodes < 2:
+            raise ValueError(f"{name}: max_nodes must be >= 2, got {max_nodes}")
+        if growth_seconds < 0:
+            raise ValueError(f"{name}: growth_seconds must be >= 0, got {growth_seconds}")
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"{name}: decay must be in (0, 1], got {decay}")
+        if probe_every < 1:
+            raise ValueError(f"{name}: probe_every must be >= 1, got {probe_every}")
+        self.cost = cost
+        self.growth_seconds = float(growth_seconds)
+        self.max_nodes = max_nodes
+        self.decay = decay
+        self.probe_every = probe_every
+        self._accepted = 1.0        # discounted sums; their ratio is the calibration
+        self._predicted = 1.0
+        # the last tree step's best choice: (rows, sum of path probs, seconds); None = no
+        # tree step yet, so the first step grows one
+        self._last: tuple[int, float, float] | None = None
+        self._plain_run = 0
+        self.chosen_sizes: Counter[int] = Counter()
+        self.num_probes = 0
+
+    @property
+    def calibration(self) -> float:
+        return self._accepted / self._predicted
+
+    def plain_rate(self) -> float:
+        """Tokens per second per row of plain decoding."""
+        return 1.0 / (self.cost.verify(1) + self.cost.overhead_seconds)
+
+    def tree_rate(self) -> float | None:
+        """Tokens per second per row the last tree step's choice promises under the current
+        calibration; None before any tree step."""
+        if self._last is None:
+            return None
+        rows, probs, seconds = self._last
+        return (rows + self.calibration * probs) / seconds / rows
+
+    def use_tree(self) -> bool:
+        """Whether this step grows a tree (see the class docstring); else it decodes plainly."""
+        rate = self.tree_rate()
+        if rate is None or rate >= self.plain_rate():
+            self._plain_run = 0
+            return True
+        self._plain_run += 1
+        if self._plain_run == self.probe_every:
+            self._plain_run = 0
+            self.num_probes += 1
+            return True
+        self.chosen_sizes[0] += 1
+        return False
+
+    def choose_size(self, path_probs: np.ndarray) -> int:
+        """Non-root nodes to verify, in ``1..max_nodes - 1``.
+
+        Args:
+            path_probs: Shape ``(rows, max_nodes - 1)``, float in ``[0, 1]``: each active
+                row's non-root node path probabilities under the draft, sorted descending.
+        """
+        probs = np.asarray(path_probs, dtype=np.float64)
+        if probs.ndim != 2 or probs.shape[1] != self.max_nodes - 1:
+            raise ValueError(f"TreeSizeController.choose_size: path_probs must have shape "
+                             f"(rows, {self.max_nodes - 1}), got {probs.shape}")
+        sizes = np.arange(1, self.max_nodes)
+        tokens = probs.shape[0] + self.calibration * np.cumsum(probs.sum(0))   # all rows
+        seconds = np.array([self.growth_seconds + self.cost.verify(n + 1)
+                            + self.cost.overhead_seconds for n in sizes])
+        best = int(np.argmax(tokens / seconds))          # first maximum: the smaller tree
+        if probs.shape[0]:
+            self._last = (probs.shape[0], float(probs[:, :best + 1].sum()), float(seconds[best]))
+        self.chosen_sizes[int(sizes[best])] += 1
+        return int(sizes[best])
+
+    def update(self, predicted: float, accepted: float) -> None:
+        """Record one tree step: ``predicted`` = the sum over rows of the verified nodes' path
+        probabilities (before calibration), ``accepted`` = the sum over rows of the accepted
+        draft tokens. Both ``>= 0``."""
+        if predicted < 0 or accepted < 0:
+            raise ValueError(f"TreeSizeController.update: predicted and accepted must be "
+                             f">= 0, got {predicted}, {accepted}")
+        self._accepted = self.decay * self._accepted + accepted
+        self._predicted = self.decay * self._predicted + predicted

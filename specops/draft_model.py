@@ -135,14 +135,15 @@ class DraftRunner:
         self.cached = [min(c, n) for c, n in zip(self.cached, root_lens)]
 
     def grow_tree(self, rows: list[list[int]], depth: int, top_k: int, num_nodes: int
-                  ) -> tuple[Tensor, Tensor]:
+                  ) -> tuple[Tensor, Tensor, Tensor]:
         """An EAGLE-2 dynamic tree from the draft's top-k (:func:`specops.grow_tree`).
 
         Each round re-feeds every tree token grown so far with the tree mask (the cache can
         only hold a prefix that all nodes see, so non-ancestors from earlier rounds must be
         new tokens, masked): ``depth * top_k`` tokens in the last round, cheap for a
-        memory-bound draft. Returns ``tree_tokens (B, num_nodes)`` int64 and
-        ``parents (B, num_nodes)`` int32; the cache keeps the prefix up to the root.
+        memory-bound draft. Returns ``tree_tokens (B, num_nodes)`` int64,
+        ``parents (B, num_nodes)`` int32 and ``scores (B, num_nodes)`` float32 (each node's
+        cumulative draft log-prob, root 0); the cache keeps the prefix up to the root.
         """
         root_lens = [len(r) for r in rows]
         root_logits = self.catch_up(rows)
@@ -167,9 +168,10 @@ class DraftRunner:
             return fit_vocab(logits, self.vocab_size).float().log_softmax(-1)
 
         root_tokens = torch.tensor([r[-1] for r in rows], dtype=torch.int64, device=self.device)
-        tree_tokens, parents, _, _ = grow_tree(draft_step, root_tokens, depth, top_k, num_nodes)
+        tree_tokens, parents, _, scores = grow_tree(draft_step, root_tokens, depth, top_k,
+                                                    num_nodes)
         self.rewind(root_lens)
-        return tree_tokens, parents
+        return tree_tokens, parents, scores
 
     def static_tree(self, rows: list[list[int]], branching: tuple[int, ...],
                     children: Callable[[Tensor, int], tuple[Tensor, Tensor | None]]

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .controller import CostModel, DraftLengthController
+from .controller import CostModel, DraftLengthController, TreeSizeController
 from .draft_model import DraftRunner, fit_vocab
 from .graphs import GraphedStep, graph_backend
 from .kv_ops import kv_commit
@@ -34,6 +34,7 @@ from .reference.draw import draw, sanitize
 from .reference.random import uniform
 from .stats import GenerationStats, PhaseClock
 from .tree_ops import tree_metadata, tree_verify, tree_verify_greedy
+from .trees import keep_best_nodes
 
 # Philox purpose of the draft model's own draws. Purposes 0 and 1 belong to the verify ops
 # (contract); a third purpose keeps the draft's randomness independent of theirs.
@@ -66,11 +67,19 @@ class DynamicTree:
     """EAGLE-2 dynamic draft trees (:func:`specops.grow_tree`): ``depth`` rounds of expansion
     by the draft model's ``top_k``, keeping the ``num_nodes`` best nodes (root included).
     Children are deterministic (top-k), verified with ``draft_probs=None``: lossless at any
-    temperature."""
+    temperature.
+
+    ``adaptive=True`` (default): cost-aware size. Each step verifies only the best ``n`` of
+    the grown nodes (:func:`specops.keep_best_nodes`), ``n`` chosen from the measured verify
+    cost and the draft's path probabilities calibrated by the acceptance seen so far, and
+    decodes plainly, without growing a tree, while that promises more tokens per second
+    (:class:`specops.controller.TreeSizeController`). It reads the tree's scores on the host
+    once per step. ``False``: every step verifies all ``num_nodes``."""
 
     depth: int = 4
     top_k: int = 4
     num_nodes: int = 16
+    adaptive: bool = True
 
     def __post_init__(self):
         if self.depth < 1 or self.top_k < 1:
@@ -189,7 +198,7 @@ class SpeculativeGenerator:
         if isinstance(draft, Proposer) and not isinstance(draft, torch.nn.Module):
             self.lookup, draft = draft, None
         if draft is not None:
-            self.draft = self._check_draft(target, draft, tokenizer, draft_tokenizer)
+            self.draft = self._check_draft(self.target, draft, tokenizer, draft_tokenizer)
         if tree is not None and not isinstance(tree, (DynamicTree, StaticTree)):
             raise TypeError(f"tree must be None, specops.DynamicTree or specops.StaticTree, got "
                             f"{type(tree).__name__}")
@@ -224,8 +233,19 @@ class SpeculativeGenerator:
             pad_token_id = getattr(config, "pad_token_id", None)
         self.pad_token_id = pad_token_id if pad_token_id is not None else min(self.eos, default=0)
         self.controller: DraftLengthController | None = None
+        self.tree_controller: TreeSizeController | None = None
         self.cost: CostModel | None = None
         self.cuda_graphs = bool(cuda_graphs)
+
+    def reset_estimates(self) -> None:
+        """Forgets what the controllers learnt about acceptance (the draft-length estimates,
+        the tree calibration), keeping the measured cost model: for a new kind of request,
+        or a benchmark that gives every call the same start."""
+        if self.controller is not None:
+            self.controller = DraftLengthController(self.cost, self.max_draft_tokens)
+        if self.tree_controller is not None:
+            self.tree_controller = TreeSizeController(
+                self.cost, self.tree_controller.growth_seconds, self.tree.num_nodes)
 
     @staticmethod
     def _check_draft(target, draft, tokenizer, draft_tokenizer) -> CausalLM:
@@ -239,12 +259,11 @@ class SpeculativeGenerator:
                              f"{_special_ids(draft.config)} differ from the target's "
                              f"{_special_ids(target.config)}, so their tokenizers differ: "
                              f"{advice}")
-        target_device = next(target.parameters()).device
-        draft_device = next(draft.parameters()).device
-        if target_device != draft_device:
-            raise ValueError(f"the draft model is on {draft_device} and the target on "
-                             f"{target_device}: move both to one device")
-        return causal_lm(draft)
+        draft = causal_lm(draft)
+        if target.device != draft.device:
+            raise ValueError(f"the draft model is on {draft.device} and the target on "
+                             f"{target.device}: move both to one device")
+        return draft
 
     # ----------------------------------------------------------------------------- entry
     @torch.no_grad()
@@ -353,6 +372,8 @@ class _Run:
         self.clock.switch("overhead")
         if gen.num_draft_tokens is None and gen.tree is None and (self.draft or gen.lookup):
             self._setup_controller()
+        if isinstance(gen.tree, DynamicTree) and gen.tree.adaptive:
+            self._setup_tree_controller()
         while not all(self.done):
             self.root_lens = [len(r) for r in self.rows]
             num_draft = self._choose_length()
@@ -426,6 +447,25 @@ class _Run:
             gen.cost = CostModel(verify_seconds=verify, draft_step_seconds=draft_cost)
             gen.controller = DraftLengthController(gen.cost, gen.max_draft_tokens)
         self.controller = gen.controller
+
+    tree_controller: TreeSizeController | None = None
+
+    def _setup_tree_controller(self) -> None:
+        """As :meth:`_setup_controller`, for adaptive trees: the target's forward for 1, 2 and
+        ``num_nodes`` tokens and one tree growth, measured once per generator. The growth
+        caches each root in the draft; it is rewound to where prefill left it, so that the
+        first step feeds the root again (a step must feed at least one token)."""
+        gen, tree = self.gen, self.gen.tree
+        if gen.tree_controller is None:
+            lens = self._lens([len(r) - 1 for r in self.rows])
+            verify = {n: self._time(lambda: self._target_forward_dummy(lens, n))
+                      for n in sorted({1, 2, tree.num_nodes})}
+            growth = self._time(lambda: self.draft.grow_tree(self.rows, tree.depth,
+                                                             tree.top_k, tree.num_nodes))
+            self.draft.rewind([len(r) - 1 for r in self.rows])
+            gen.cost = CostModel(verify_seconds=verify, draft_step_seconds=growth / tree.depth)
+            gen.tree_controller = TreeSizeController(gen.cost, growth, tree.num_nodes)
+        self.tree_controller = gen.tree_controller
 
     def _target_forward_dummy(self, lens: Tensor, n: int) -> None:
         # Writes junk past each row's length (never attended, overwritten by the next step).
@@ -517,6 +557,13 @@ class _Run:
             cost.draft_step_seconds = (0.8 * cost.draft_step_seconds
                                        + 0.2 * draft_seconds / num_draft)
 
+    def _learn_growth(self, seconds: float) -> None:
+        """Refines the tree controller's growth cost (moving average), on the CPU only, as
+        :meth:`_learn_cost`."""
+        if self.device.type == "cpu":
+            control = self.tree_controller
+            control.growth_seconds = 0.8 * control.growth_seconds + 0.2 * seconds
+
     def _record(self, num_draft: int, draft_lens: list[int], accepted: list[int]) -> None:
         active = [b for b in range(self.batch) if not self.done[b]]
         stats = self.stats
@@ -544,16 +591,28 @@ class _Run:
         return torch.stack(draws, -1), probs
 
     def _tree_step(self) -> list[list[int]]:
-        tree = self.gen.tree
+        tree, control = self.gen.tree, self.tree_controller
+        if control is not None and not control.use_tree():
+            return self._chain_step(0)                      # plain decoding pays more now
         self.clock.switch("draft")
+        started = time.perf_counter()
         draft_probs = None
         if isinstance(tree, StaticTree):
             tree_tokens, parents, draft_probs = self.draft.static_tree(
                 self.rows, tree.branching, self._tree_children)
         else:
-            tree_tokens, parents = self.draft.grow_tree(self.rows, tree.depth, tree.top_k,
-                                                        tree.num_nodes)
+            tree_tokens, parents, scores = self.draft.grow_tree(self.rows, tree.depth,
+                                                                tree.top_k, tree.num_nodes)
+        if control is not None:
+            self._learn_growth(time.perf_counter() - started)
+            active = [b for b in range(self.batch) if not self.done[b]]
+            probs = scores[:, 1:].exp().sort(dim=1, descending=True).values[active]
+            size = control.choose_size(probs.cpu().numpy())
+            predicted = float(probs[:, :size].sum())
+            if size + 1 < tree.num_nodes:
+                tree_tokens, parents, _ = keep_best_nodes(tree_tokens, parents, scores, size + 1)
         self.clock.switch("verify")
+        verify_started = time.perf_counter()
         mask, depth = tree_metadata(parents)
         target_lens = self._lens([n - 1 for n in self.root_lens])
         positions = target_lens.long()[:, None] + depth.long()
@@ -566,7 +625,14 @@ class _Run:
                                                   positions=target_lens.long())
         kv_commit(self.cache.tensors(), target_lens, path, num_accepted)
         out_list, accepted = out.tolist(), num_accepted.tolist()
-        self._record(tree.depth, [tree.depth] * self.batch, accepted)
+        if control is not None:
+            control.update(predicted, float(sum(accepted[b] for b in active)))
+            self._learn_cost(tree_tokens.shape[1] - 1, False, 0.0,
+                             time.perf_counter() - verify_started)
+        levels = tree.depth
+        if control is not None and tree_tokens.shape[1] < tree.num_nodes:
+            levels = int(depth.max())       # a pruned tree may be shallower than tree.depth
+        self._record(levels, [levels] * self.batch, accepted)
         return [o[:a + 1] for o, a in zip(out_list, accepted)]
 
     # ------------------------------------------------------------------------- output

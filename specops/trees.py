@@ -434,3 +434,46 @@ def grow_tree(draft_step: DraftStep, root_tokens: Tensor, depth: int, top_k: int
     num_nodes_per_row = torch.full((batch,), num_nodes, dtype=torch.int32, device=device)
     return (tokens.gather(1, kept), new_parents.int(), num_nodes_per_row,
             scores.gather(1, kept))
+
+
+def keep_best_nodes(tree_tokens: Tensor, parents: Tensor, scores: Tensor, num_nodes: int
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """The subtree of the ``num_nodes`` best-scored nodes of each row (root included), in the
+    original node order: how a cost-aware loop verifies a smaller part of a grown tree.
+
+    The kept set is closed under ancestors when scores never increase along a path, as
+    :func:`grow_tree`'s cumulative log-probs do: nodes are ranked by score, ties to the
+    smaller index (a parent precedes its children), so a node is never kept without its
+    parent. Sync-free, static shapes.
+
+    Args:
+        tree_tokens: Shape ``(batch_size, T)``, int64, node 0 the root.
+        parents: Shape ``(batch_size, T)``, int32, topological, ``parents[:, 0] == -1``.
+        scores: Shape ``(batch_size, T)``, float: per node, non-increasing along paths.
+        num_nodes: Nodes to keep per row, in ``1..T``.
+
+    Returns:
+        ``(tree_tokens, parents, scores)`` of shape ``(batch_size, num_nodes)``, parents
+        re-indexed into the kept nodes (int32, root -1).
+
+    >>> tokens = torch.tensor([[7, 8, 9, 10]])
+    >>> parents = torch.tensor([[-1, 0, 0, 1]], dtype=torch.int32)
+    >>> scores = torch.tensor([[0.0, -0.1, -2.0, -0.5]])
+    >>> keep_best_nodes(tokens, parents, scores, 3)[:2]
+    (tensor([[ 7,  8, 10]]), tensor([[-1,  0,  1]], dtype=torch.int32))
+    """
+    batch, total = tree_tokens.shape
+    if not 1 <= num_nodes <= total:
+        raise ValueError(f"keep_best_nodes: num_nodes must be in 1..{total}, got {num_nodes}")
+    if parents.shape != tree_tokens.shape or scores.shape != tree_tokens.shape:
+        raise ValueError(f"keep_best_nodes: tree_tokens {tuple(tree_tokens.shape)}, parents "
+                         f"{tuple(parents.shape)} and scores {tuple(scores.shape)} must match")
+    ranked = torch.sort(-scores.float(), dim=1, stable=True).indices   # best first, ties: index
+    kept = ranked[:, :num_nodes].sort(dim=1).values                    # original order
+    new_index = torch.full((batch, total), -1, dtype=torch.int64, device=tree_tokens.device)
+    new_index.scatter_(1, kept, torch.arange(num_nodes, device=tree_tokens.device)
+                       .expand(batch, -1).contiguous())
+    old_parents = parents.long().gather(1, kept)
+    new_parents = torch.where(old_parents < 0, old_parents,
+                              new_index.gather(1, old_parents.clamp(min=0)))
+    return tree_tokens.gather(1, kept), new_parents.int(), scores.gather(1, kept)

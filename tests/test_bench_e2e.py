@@ -141,6 +141,15 @@ def run_quiet(main, argv: list[str]):
 
 
 # --------------------------------------------------------------------------- CPU suite
+def test_method_names():
+    import bench_e2e
+    assert bench_e2e.method_names("plain,chain-fixed,chain-fixed-6,tree,tree-fixed", 3) == [
+        "plain", "chain-fixed-3", "chain-fixed-6", "tree", "tree-fixed"]
+    assert "tree-fixed" not in bench_e2e.method_names(None, 4)     # opt-in
+    with pytest.raises(SystemExit, match="unknown method 'bush'"):
+        bench_e2e.method_names("bush", 4)
+
+
 def test_first_divergence_and_speedup_summary():
     import bench_e2e
     assert bench_e2e.first_divergence([1, 2, 3], [1, 2, 3]) is None
@@ -207,12 +216,25 @@ def test_bench_e2e_quick_on_tiny_models(tmp_path):
         assert float(r["identical_to_plain"]) == 1.0 == float(r["identical_to_hf_plain"])
         if r["method"] == "plain":
             assert float(r["speedup_vs_plain"]) == 1.0 and float(r["tau"]) == 1.0
+            assert float(r["decode_speedup_vs_plain"]) == 1.0
+        if r["method"].startswith("hf-"):          # no prefill/decode split from HF
+            assert r["decode_speedup_vs_plain"] == ""
+        else:
+            assert float(r["decode_speedup_vs_plain"]) > 0
         if r["method"] == "hf-assisted":
             assert float(r["speedup_vs_hf_assisted"]) == 1.0 and r["tau"] == ""
-        if r["method"] in ("chain-fixed-4", "tree"):   # chain-auto may choose plain decoding
-            assert float(r["tau"]) >= 1.0 and len(r["acceptance_per_position"].split()) == 4
+        # chain-auto may choose plain decoding; the cost-aware tree may verify fewer levels
+        if r["method"] in ("chain-fixed-4", "tree"):
+            positions = len(r["acceptance_per_position"].split())
+            assert float(r["tau"]) >= 1.0 and positions == 4 or (r["method"] == "tree"
+                                                                 and 1 <= positions <= 4)
             shares = [float(r[f"{p}_share"]) for p in ("prefill", "draft", "verify", "overhead")]
             assert sum(shares) == pytest.approx(1.0, abs=0.01)
+    # the summary can be rebuilt from the raw records alone, identically
+    written = summary.read_text()
+    summary.unlink()
+    assert run_quiet(bench_e2e.main, ["--resummarise", str(next(out.glob("*.jsonl")))]) == summary
+    assert summary.read_text() == written
 
 
 # --------------------------------------------------------------------------- GPU suite

@@ -215,3 +215,12 @@ def test_chat_replies_end_at_either_chatml_marker(folders):
     model.config.eos_token_id = model.generation_config.eos_token_id = None
     vocab = tokenizer.get_vocab()
     assert cli.eos_ids(model, tokenizer) == sorted({vocab["<|im_end|>"], vocab["<|endoftext|>"]})
+
+
+def test_tree_size_is_cost_aware_unless_a_draft_length_is_given():
+    parser = cli.build_parser()
+    options = cli.check_options(parser.parse_args(["generate", "x", "--tree", "2,2,4"]))
+    assert options["tree"].adaptive and options["num_draft_tokens"] is None
+    options = cli.check_options(parser.parse_args(["generate", "x", "--tree", "2,2,4",
+                                                   "--num-draft", "3"]))
+    assert not options["tree"].adaptive and options["tree"].num_nodes == 4

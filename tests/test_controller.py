@@ -243,3 +243,66 @@ def test_untried_positions_inherit_the_last_measured_rate():
     assert a[0] > 0.9 and a[1] > 0.9
     assert np.all(a[2:] > 0.85), a          # inherited, not the 0.5 prior
     assert ctrl.choose() > 2
+
+
+# --------------------------------------------------------------------------- tree size
+def test_tree_size_maximises_calibrated_tokens_per_second():
+    from specops.controller import TreeSizeController
+    # verify 1.0 s + 0.1 s per extra token; growing the tree 0.2 s
+    ctrl = TreeSizeController(CostModel({1: 1.0, 4: 1.3}, 0.0), 0.2, max_nodes=4, decay=1.0)
+    # n=1: 1.9 / 1.3 = 1.46; n=2: 2.4 / 1.4 = 1.71; n=3: 2.5 / 1.5 = 1.67
+    assert ctrl.choose_size(np.array([[0.9, 0.5, 0.1]])) == 2
+    assert ctrl.tree_rate() == pytest.approx(2.4 / 1.4)
+    # a draft half as reliable as its probabilities say (c = (1 + 0) / (1 + 1), the prior
+    # counting once): n=1: 1.45 / 1.3 = 1.12, n=2: 1.7 / 1.4 = 1.21, n=3: 1.75 / 1.5 = 1.17
+    ctrl.update(predicted=1.0, accepted=0.0)
+    assert ctrl.calibration == pytest.approx(0.5)
+    assert ctrl.tree_rate() == pytest.approx((1 + 0.5 * 1.4) / 1.4)
+    assert ctrl.choose_size(np.array([[0.9, 0.5, 0.1]])) == 2
+    # expensive verification keeps only the best node; flat verification keeps them all
+    steep = TreeSizeController(CostModel({1: 1.0, 4: 4.0}, 0.0), 0.2, max_nodes=4)
+    assert steep.choose_size(np.array([[0.9, 0.5, 0.4]])) == 1
+    flat = TreeSizeController(CostModel({1: 1.0, 16: 1.05}, 0.0), 0.2, max_nodes=16)
+    assert flat.choose_size(np.full((3, 15), 0.6)) == 15
+    assert flat.chosen_sizes == {15: 1}
+
+
+def test_tree_size_falls_back_to_plain_decoding_and_probes():
+    from specops.controller import TreeSizeController
+    ctrl = TreeSizeController(CostModel({1: 1.0, 8: 1.2}, 0.0), 0.5, max_nodes=8,
+                              probe_every=4)
+    probs = np.full((2, 7), 0.5)
+    assert ctrl.use_tree()                             # nothing measured: try a tree
+    grown = 0
+    for _ in range(40):                                # the target never agrees
+        if ctrl.use_tree():
+            grown += 1
+            ctrl.choose_size(probs)
+            ctrl.update(predicted=probs.sum(), accepted=0.0)
+    assert ctrl.calibration < 0.05
+    assert ctrl.tree_rate() < ctrl.plain_rate()
+    assert ctrl.chosen_sizes[0] >= 28 and ctrl.num_probes >= 7      # plain, probing every 4th
+    assert grown == 40 - ctrl.chosen_sizes[0]
+    for _ in range(30):                                # now it always agrees
+        if ctrl.use_tree():
+            ctrl.choose_size(probs)
+            ctrl.update(predicted=1.0, accepted=3.0)
+    assert ctrl.calibration > 1.5
+    plain_before = ctrl.chosen_sizes[0]
+    assert all(ctrl.use_tree() for _ in range(10)) and ctrl.chosen_sizes[0] == plain_before
+
+
+def test_tree_size_controller_rejects_bad_arguments():
+    from specops.controller import TreeSizeController
+    cost = CostModel({1: 1.0}, 0.0)
+    for kwargs, message in ((dict(max_nodes=1), "max_nodes"),
+                            (dict(growth_seconds=-1.0), "growth_seconds"),
+                            (dict(decay=0.0), "decay"), (dict(probe_every=0), "probe_every")):
+        args = dict(cost=cost, growth_seconds=0.1, max_nodes=4) | kwargs
+        with pytest.raises(ValueError, match=message):
+            TreeSizeController(**args)
+    ctrl = TreeSizeController(cost, 0.1, 4)
+    with pytest.raises(ValueError, match=r"shape \(rows, 3\)"):
+        ctrl.choose_size(np.zeros((2, 4)))
+    with pytest.raises(ValueError, match=">= 0"):
+        ctrl.update(-1.0, 0.0)

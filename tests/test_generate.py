@@ -3,10 +3,12 @@ greedy ``generate`` token for token (a difference is allowed only at a numerical
 the assertion then shows), for every drafter, batch 1 and ragged batches, EOS and
 ``max_new_tokens`` falling inside an accepted draft; plus stops, streaming and bad input."""
 
+import numpy as np
 import pytest
 import torch
 
 import specops
+from specops.controller import CostModel, TreeSizeController
 from loop_models import EOS, PAD, assert_same_or_tie, hf_greedy, noisy_copy, tiny_model
 
 NEW = 20
@@ -39,15 +41,18 @@ def drafters(target, draft):
     return {"plain": dict(draft=None),
             "chain-3": dict(draft=draft, num_draft_tokens=3),
             "chain-auto": dict(draft=draft),
-            "tree": dict(draft=draft, tree=specops.DynamicTree(depth=3, top_k=2, num_nodes=6)),
+            "tree": dict(draft=draft, tree=specops.DynamicTree(depth=3, top_k=2, num_nodes=6,
+                                                               adaptive=False)),
+            "adaptive-tree": dict(draft=draft, tree=specops.DynamicTree(depth=3, top_k=2,
+                                                                        num_nodes=6)),
             "static-tree": dict(draft=draft, tree=specops.StaticTree((2, 2, 1))),
             "lookup": dict(draft=specops.PromptLookup(max_ngram=2), num_draft_tokens=4),
             "hybrid": dict(draft=specops.Hybrid(draft, specops.PromptLookup(max_ngram=2)),
                            num_draft_tokens=3)}
 
 
-@pytest.mark.parametrize("method", ["plain", "chain-3", "chain-auto", "tree", "static-tree",
-                                    "lookup", "hybrid"])
+@pytest.mark.parametrize("method", ["plain", "chain-3", "chain-auto", "tree", "adaptive-tree",
+                                    "static-tree", "lookup", "hybrid"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_greedy_equals_target_generate(pair, method, side):
     target, draft = pair
@@ -208,3 +213,52 @@ def test_mismatched_tokenizers_are_refused_with_advice():
     with pytest.raises(ValueError, match="PromptLookup"):
         specops.SpeculativeGenerator(target, tiny_model("qwen2", seed=2),
                                      tokenizer=Vocab(["a", "b"]), draft_tokenizer=Vocab(["a", "c"]))
+
+
+@pytest.mark.parametrize("verify, plain_steps", [({1: 1.0, 6: 6.0}, True),
+                                                 ({1: 1.0, 6: 1.0}, False)])
+def test_adaptive_tree_prunes_or_skips_trees_by_cost(pair, monkeypatch, verify, plain_steps):
+    """Given costs (the online refinement from real timings is switched off): when each
+    verified token costs as much as a plain step, the tree shrinks to its best node and
+    plain decoding takes over; when verification is flat, every step verifies the whole
+    tree. Either way the output is the target's greedy output."""
+    from specops import loop
+    monkeypatch.setattr(loop._Run, "_learn_cost", lambda *args: None)
+    monkeypatch.setattr(loop._Run, "_learn_growth", lambda *args: None)
+    target, draft = pair
+    row = prompts(target.config.vocab_size, [6], seed=4)[0]
+    gen = specops.SpeculativeGenerator(
+        target, draft, tree=specops.DynamicTree(depth=3, top_k=2, num_nodes=6),
+        eos_token_id=[])
+    gen.cost = CostModel(verify, 0.0)
+    gen.tree_controller = control = TreeSizeController(gen.cost, 0.0, 6)
+    out = gen.generate(torch.tensor([row]), max_new_tokens=NEW)
+    assert_same_or_tie(target, row, out.sequences[0, 6:].tolist(), hf_greedy(target, row, NEW),
+                       "adaptive tree")
+    sizes = control.chosen_sizes
+    if plain_steps:
+        assert sizes[0] > 0 and max(sizes) == 1, sizes
+    else:
+        assert sizes[0] == 0 and set(sizes) == {5}, sizes
+        assert out.stats.mean_emitted_per_step > 1.2, out.stats.summary()
+
+
+def test_reset_estimates_keeps_the_cost_model(pair):
+    target, draft = pair
+    row = torch.tensor([prompts(target.config.vocab_size, [6], seed=5)[0]])
+    chain = specops.SpeculativeGenerator(target, draft, max_draft_tokens=3)
+    chain.generate(row, max_new_tokens=8)
+    chain.controller.update(3, [0, 1])          # (tiny models often decode plainly: no data)
+    cost, learnt = chain.cost, chain.controller.acceptance()
+    chain.reset_estimates()
+    assert chain.cost is cost and chain.controller.cost is cost
+    fresh = chain.controller.acceptance()
+    assert np.allclose(fresh, 0.7) and not np.allclose(learnt, fresh)
+    tree = specops.SpeculativeGenerator(target, draft,
+                                        tree=specops.DynamicTree(depth=2, top_k=2, num_nodes=4))
+    tree.generate(row, max_new_tokens=8)
+    growth = tree.tree_controller.growth_seconds
+    assert tree.tree_controller.calibration != 1.0
+    tree.reset_estimates()
+    assert tree.tree_controller.calibration == 1.0
+    assert tree.tree_controller.growth_seconds == growth and tree.tree_controller.cost is tree.cost

@@ -76,6 +76,9 @@ def drafters(draft):
         "chain (sampled drafts, real q)": dict(draft=draft, num_draft_tokens=2),
         "chain, cost-aware": dict(draft=draft, max_draft_tokens=3),
         "tree (top-k children, deterministic)": dict(
+            draft=draft, tree=specops.DynamicTree(depth=2, top_k=2, num_nodes=5,
+                                                  adaptive=False)),
+        "tree, cost-aware size": dict(
             draft=draft, tree=specops.DynamicTree(depth=2, top_k=2, num_nodes=5)),
         "static tree (sampled children, real q)": dict(
             draft=draft, tree=specops.StaticTree((2, 2))),

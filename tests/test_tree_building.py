@@ -409,3 +409,38 @@ def test_docstring_examples():
                               optionflags=doctest.NORMALIZE_WHITESPACE)
     assert results.attempted >= 20
     assert results.failed == 0
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["random", "ties"])
+@pytest.mark.parametrize("batch, vocab, depth, top_k, num_nodes", GROW_CASES)
+def test_keep_best_nodes_of_a_grown_tree_is_the_smaller_grown_tree(batch, vocab, depth, top_k,
+                                                                   num_nodes, quantized):
+    """Keeping the n best nodes of a grown tree gives exactly the tree grow_tree keeps for
+    num_nodes=n (same tokens, parents, scores): the same ranking and tie rule."""
+    table = random_table(vocab, seed=vocab + depth, quantized=quantized)
+    root = torch.randint(0, vocab, (batch,), generator=torch.Generator().manual_seed(depth))
+    step = table_draft_step(table)
+    tokens, parents, _, scores = specops.grow_tree(step, root, depth, top_k, num_nodes)
+    for n in range(1, num_nodes + 1):
+        kept = specops.keep_best_nodes(tokens, parents, scores, n)
+        smaller = specops.grow_tree(step, root, depth, top_k, n)
+        for got, want, what in zip(kept, (smaller[0], smaller[1], smaller[3]),
+                                   ("tokens", "parents", "scores")):
+            assert got.dtype == want.dtype and torch.equal(got, want), (n, what)
+
+
+def test_keep_best_nodes_literal_and_checks():
+    tokens = torch.tensor([[10, 11, 12, 13, 14], [20, 21, 22, 23, 24]])
+    parents = torch.tensor([[-1, 0, 0, 1, 2], [-1, 0, 1, 2, 0]], dtype=torch.int32)
+    scores = torch.tensor([[0.0, -1.0, -0.2, -1.5, -0.3], [0.0, -0.1, -0.1, -0.9, -0.5]])
+    kept_tokens, kept_parents, kept_scores = specops.keep_best_nodes(tokens, parents, scores, 3)
+    # row 0 keeps nodes 0, 2, 4 (a chain through node 2); row 1 keeps 0, 1, 2 (the tie
+    # between nodes 1 and 2 at -0.1 goes to the smaller index, the parent)
+    assert kept_tokens.tolist() == [[10, 12, 14], [20, 21, 22]]
+    assert kept_parents.tolist() == [[-1, 0, 1], [-1, 0, 1]]
+    torch.testing.assert_close(kept_scores, torch.tensor([[0.0, -0.2, -0.3], [0.0, -0.1, -0.1]]))
+    assert specops.keep_best_nodes(tokens, parents, scores, 1)[0].tolist() == [[10], [20]]
+    with pytest.raises(ValueError, match="num_nodes must be in 1..5"):
+        specops.keep_best_nodes(tokens, parents, scores, 6)
+    with pytest.raises(ValueError, match="must match"):
+        specops.keep_best_nodes(tokens, parents[:, :4], scores, 2)
