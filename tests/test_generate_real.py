@@ -37,8 +37,10 @@ def test_real_pair_greedy_equals_target_generate(pair, prompt):
                                 do_sample=False, eos_token_id=eos,
                                 pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.0,
                                 top_k=None, top_p=None, temperature=None)[0, ids.shape[1]:]
-    for draft_option in (draft, specops.PromptLookup(), specops.Hybrid(draft)):
-        out = specops.generate(target, ids, draft=draft_option, max_new_tokens=24,
-                               eos_token_id=eos)
+    options = {"chain": dict(draft=draft), "prompt lookup": dict(draft=specops.PromptLookup()),
+               "hybrid": dict(draft=specops.Hybrid(draft)),
+               "cost-aware tree": dict(draft=draft, tree=specops.DynamicTree())}
+    for name, option in options.items():
+        out = specops.generate(target, ids, max_new_tokens=24, eos_token_id=eos, **option)
         new = out.sequences[0, ids.shape[1]:ids.shape[1] + out.num_new_tokens[0]]
-        assert new.tolist() == reference.tolist(), type(draft_option).__name__
+        assert new.tolist() == reference.tolist(), name
