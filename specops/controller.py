@@ -79,6 +79,34 @@ def expected_tokens(acceptance: Sequence[float] | np.ndarray, num_draft: int) ->
     return 1.0 + float(np.cumprod(a).sum())
 
 
+def _check_decay_and_probe(name: str, decay: float, probe_every: int) -> None:
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"{name}: decay must be in (0, 1], got {decay}")
+    if probe_every < 1:
+        raise ValueError(f"{name}: probe_every must be >= 1, got {probe_every}")
+
+
+class _Prober:
+    """The probing rule of both controllers: counts consecutive steps where plain decoding
+    was the best choice and says when to speculate anyway (every ``every``-th of them)."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.run = 0        # consecutive steps where plain decoding was best
+        self.count = 0      # probes so far
+
+    def due(self, plain_best: bool) -> bool:
+        if not plain_best:
+            self.run = 0
+            return False
+        self.run += 1
+        if self.run < self.every:
+            return False
+        self.run = 0
+        self.count += 1
+        return True
+
+
 class DraftLengthController:
     """Chooses each step's draft length from online acceptance estimates and a cost model.
 
@@ -128,10 +156,7 @@ class DraftLengthController:
             raise ValueError(f"{name}: prior_acceptance must be in [0, 1], got {prior_acceptance}")
         if not prior_weight > 0:
             raise ValueError(f"{name}: prior_weight must be > 0, got {prior_weight}")
-        if not 0.0 < decay <= 1.0:
-            raise ValueError(f"{name}: decay must be in (0, 1], got {decay}")
-        if probe_every < 1:
-            raise ValueError(f"{name}: probe_every must be >= 1, got {probe_every}")
+        _check_decay_and_probe(name, decay, probe_every)
         self.cost = cost
         self.max_draft = max_draft
         self.candidates = candidates
@@ -141,9 +166,12 @@ class DraftLengthController:
         self.probe_every = probe_every
         self._tried = np.zeros(max_draft)
         self._accepted = np.zeros(max_draft)
-        self._zero_run = 0  # consecutive choose() calls where 0 was best
+        self._prober = _Prober(probe_every)
         self.chosen_lengths: Counter[int] = Counter()
-        self.num_probes = 0
+
+    @property
+    def num_probes(self) -> int:
+        return self._prober.count
 
     def set_cost(self, cost: CostModel) -> None:
         self.cost = cost
@@ -185,14 +213,8 @@ class DraftLengthController:
         rates = [self.expected_rate(g) for g in self.candidates]
         choice = self.candidates[int(np.argmax(rates))]  # argmax takes the first maximum
         positive = [g for g in self.candidates if g > 0]
-        if choice != 0 or not positive:
-            self._zero_run = 0
-        else:
-            self._zero_run += 1
-            if self._zero_run == self.probe_every:
-                self._zero_run = 0
-                self.num_probes += 1
-                choice = max(positive, key=self.expected_rate)  # first maximum: shortest
+        if self._prober.due(choice == 0 and bool(positive)):
+            choice = max(positive, key=self.expected_rate)  # first maximum: shortest
         self.chosen_lengths[choice] += 1
         return choice
 
@@ -269,10 +291,7 @@ class TreeSizeController:
             raise ValueError(f"{name}: max_nodes must be >= 2, got {max_nodes}")
         if growth_seconds < 0:
             raise ValueError(f"{name}: growth_seconds must be >= 0, got {growth_seconds}")
-        if not 0.0 < decay <= 1.0:
-            raise ValueError(f"{name}: decay must be in (0, 1], got {decay}")
-        if probe_every < 1:
-            raise ValueError(f"{name}: probe_every must be >= 1, got {probe_every}")
+        _check_decay_and_probe(name, decay, probe_every)
         self.cost = cost
         self.growth_seconds = float(growth_seconds)
         self.max_nodes = max_nodes
@@ -283,9 +302,12 @@ class TreeSizeController:
         # the last tree step's best choice: (rows, sum of path probs, seconds); None = no
         # tree step yet, so the first step grows one
         self._last: tuple[int, float, float] | None = None
-        self._plain_run = 0
+        self._prober = _Prober(probe_every)
         self.chosen_sizes: Counter[int] = Counter()
-        self.num_probes = 0
+
+    @property
+    def num_probes(self) -> int:
+        return self._prober.count
 
     @property
     def calibration(self) -> float:
@@ -306,13 +328,8 @@ class TreeSizeController:
     def use_tree(self) -> bool:
         """Whether this step grows a tree (see the class docstring); else it decodes plainly."""
         rate = self.tree_rate()
-        if rate is None or rate >= self.plain_rate():
-            self._plain_run = 0
-            return True
-        self._plain_run += 1
-        if self._plain_run == self.probe_every:
-            self._plain_run = 0
-            self.num_probes += 1
+        plain_best = rate is not None and rate < self.plain_rate()
+        if self._prober.due(plain_best) or not plain_best:
             return True
         self.chosen_sizes[0] += 1
         return False

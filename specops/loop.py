@@ -429,21 +429,13 @@ class _Run:
         the controller itself persists on the generator, acceptance estimates included."""
         gen = self.gen
         if gen.cost is None:
-            lens = self._lens([len(r) - 1 for r in self.rows])
-            # GPUs: the first call compiles kernels, keep the second; CPUs: one call each (a
-            # CPU forward costs up to a second; every step refines the estimate afterwards)
-            reps = 1 if self.device.type == "cpu" else 2
-            verify = {}
-            # 2 as well as the ends: fp32 CPU matmuls jump from 1 row to 2 and are flat after
-            for n in sorted({1, 2, gen.max_draft_tokens + 1}):
-                verify[n] = min(self._time(lambda: self._target_forward_dummy(lens, n))
-                                for _ in range(reps))
+            verify = self._measure_verify(gen.max_draft_tokens + 1)
             draft_cost = 0.0
             if self.draft is not None:
                 dlens = self._lens(self.draft.cached)
                 token = torch.zeros(self.batch, 1, dtype=torch.int64, device=self.device)
-                draft_cost = min(self._time(lambda: gen.draft(
-                    token, self.draft.cache, dlens, dlens.long()[:, None])) for _ in range(reps))
+                draft_cost = self._time_warm(lambda: gen.draft(
+                    token, self.draft.cache, dlens, dlens.long()[:, None]))
             gen.cost = CostModel(verify_seconds=verify, draft_step_seconds=draft_cost)
             gen.controller = DraftLengthController(gen.cost, gen.max_draft_tokens)
         self.controller = gen.controller
@@ -457,15 +449,28 @@ class _Run:
         first step feeds the root again (a step must feed at least one token)."""
         gen, tree = self.gen, self.gen.tree
         if gen.tree_controller is None:
-            lens = self._lens([len(r) - 1 for r in self.rows])
-            verify = {n: self._time(lambda: self._target_forward_dummy(lens, n))
-                      for n in sorted({1, 2, tree.num_nodes})}
-            growth = self._time(lambda: self.draft.grow_tree(self.rows, tree.depth,
-                                                             tree.top_k, tree.num_nodes))
-            self.draft.rewind([len(r) - 1 for r in self.rows])
+            verify = self._measure_verify(tree.num_nodes)
+
+            def grow():
+                self.draft.grow_tree(self.rows, tree.depth, tree.top_k, tree.num_nodes)
+                self.draft.rewind([len(r) - 1 for r in self.rows])
+            growth = self._time_warm(grow)
             gen.cost = CostModel(verify_seconds=verify, draft_step_seconds=growth / tree.depth)
             gen.tree_controller = TreeSizeController(gen.cost, growth, tree.num_nodes)
         self.tree_controller = gen.tree_controller
+
+    def _measure_verify(self, largest: int) -> dict[int, float]:
+        """The target's forward for 1, 2 and ``largest`` tokens per row, in seconds (2 as
+        well as the ends: fp32 CPU matmuls jump from 1 row to 2 and are flat after)."""
+        lens = self._lens([len(r) - 1 for r in self.rows])
+        return {n: self._time_warm(lambda: self._target_forward_dummy(lens, n))
+                for n in sorted({1, 2, largest})}
+
+    def _time_warm(self, fn) -> float:
+        """Seconds of ``fn()``: on a GPU the faster of two calls (the first compiles
+        kernels); on a CPU one call (a forward costs up to a second there, and every step
+        refines the estimate afterwards)."""
+        return min(self._time(fn) for _ in range(1 if self.device.type == "cpu" else 2))
 
     def _target_forward_dummy(self, lens: Tensor, n: int) -> None:
         # Writes junk past each row's length (never attended, overwritten by the next step).
