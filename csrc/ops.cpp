@@ -1,7 +1,10 @@
 // The one place where specops' op schemas are written (contract: ../specops-contract.md).
 // Each backend only adds kernels: csrc/*_cpu.cpp for the CPU (TORCH_LIBRARY_IMPL),
 // specops/triton_kernels/ for CUDA, specops/_fake.py for meta tensors.
+#include <ATen/Parallel.h>
+
 #include <atomic>
+#include <cstdint>
 
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
@@ -54,6 +57,16 @@ PYBIND11_MODULE(_C, m) {
     specops::set_check_level(static_cast<specops::CheckLevel>(level));
   });
   m.def("check_level", [] { return static_cast<int>(specops::check_level()); });
+  // How many threads one at::parallel_for over many small tasks runs on: the kernels'
+  // parallel loops are compiled into this module, so a build without OpenMP would run them
+  // on one thread whatever torch.set_num_threads says. Exposed for tests.
+  m.def("parallel_threads", [] {
+    std::atomic<uint64_t> seen{0};
+    at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) {
+      seen.fetch_or(uint64_t{1} << (at::get_thread_num() % 64));
+    });
+    return __builtin_popcountll(seen.load());
+  });
   m.def("philox_uniform", &specops::philox_uniform,
         "u in [0, 1) for (seed, position, sibling_rank, purpose); exposed for tests");
 }

@@ -5,6 +5,7 @@ lengths, one-hot rows, q(x) = 0, bad values with checks off; then the input chec
 contract's "Bad input" at each check level.
 """
 
+import os
 
 import pytest
 import torch
@@ -514,3 +515,17 @@ def test_checks_off_greedy_and_sampling_match_reference():
         actual, expected = run_sampling(args)
     torch.testing.assert_close(actual, expected, equal_nan=True)
     assert actual[3].argmax() == 7
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs a CPU with at least 2 cores")
+def test_kernels_run_on_torch_threads():
+    """The CPU kernels' parallel loops are compiled into specops._C; built without OpenMP they
+    would silently run on one thread (as they once did). They must follow torch's setting."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert specops._C.parallel_threads() == 2
+        torch.set_num_threads(1)
+        assert specops._C.parallel_threads() == 1
+    finally:
+        torch.set_num_threads(before)
