@@ -12,8 +12,16 @@ from torch import Tensor
 from . import ops
 
 _OP = "skinny_linear"
-MAX_ROWS = 16  # rows (tokens) up to which the CPU kernel is used; BLAS above
-KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # dtypes the CPU kernel serves
+# Rows (tokens, all batch rows together) up to which the CPU kernel is used, per dtype; torch's
+# F.linear above. Measured on a 2-core AMD EPYC (AVX-512 with bf16 dot products), Qwen2.5-1.5B
+# projection shapes (8960x1536, 1536x8960, 1536x1536), both threads: float32 kernel vs MKL
+# sgemm 2.0 vs 4.5 ms at 1 row, 3.8 vs 11.9 at 16, 10.0 vs 24.0 at 64, still ahead at 128
+# (24.3 vs 32.6); bfloat16 kernel vs oneDNN 0.8 vs 1.9 ms at 1 row, 0.9 vs 1.2 at 4, about
+# even at 6-8 and behind from 8 on (3.9 vs 2.7 at 16), oneDNN using the CPU's bfloat16 dot
+# product instructions. Where those are missing the kernel would stay ahead longer; 6 is the
+# measured crossover here.
+MAX_ROWS = {torch.float32: 64, torch.bfloat16: 6}
+KERNEL_DTYPES = tuple(MAX_ROWS)  # dtypes the CPU kernel serves
 
 
 def skinny_linear_meta(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
@@ -49,12 +57,13 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     """``y = x @ weight.T + bias``, the same function as ``torch.nn.functional.linear`` (its
     executable specification), fast on the CPU for a few rows of ``x``.
 
-    With ``x`` on the CPU in float32 or bfloat16 and at most 16 rows
-    (``x.numel() // in_features``), ``torch.ops.specops.skinny_linear`` runs: a C++ kernel
+    With ``x`` on the CPU in float32 (at most 64 rows, ``x.numel() // in_features``) or
+    bfloat16 (at most 6 rows), ``torch.ops.specops.skinny_linear`` runs: a C++ kernel
     that reads ``weight`` from memory once and computes all rows' dot products from it
-    (float32 FMA, both cores for large ``out_features``). Anything else calls ``F.linear``:
-    above 16 rows BLAS's blocked GEMM is the right tool (the product is no longer bound by
-    reading the weight), torch's float16 is left as it is, and on GPUs cuBLAS is the GPU
+    (float32 FMA, all of torch's threads for large ``out_features``). Anything else calls
+    ``F.linear``: above those rows BLAS's blocked GEMM is the right tool (the product is no
+    longer bound by reading the weight; see ``MAX_ROWS`` for the measured crossovers), torch's
+    float16 is left as it is, and on GPUs cuBLAS is the GPU
     path. ``specops.set_backend("reference")`` also routes to ``F.linear``.
 
     float32 results equal ``F.linear``'s up to float32 rounding (another summation order):
@@ -81,7 +90,13 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
             [ 3.0000,  7.5000, -4.0000]])
     """
     skinny_linear_meta(x, weight, bias)
-    if (x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and ops.get_backend() == "kernels"
-            and x.numel() <= MAX_ROWS * weight.shape[1] and weight.shape[1] > 0):
+    if kernel_serves(x) and ops.get_backend() == "kernels":
         return torch.ops.specops.skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def kernel_serves(x: Tensor) -> bool:
+    """Whether :func:`skinny_linear` runs the CPU kernel for ``x`` (any shape
+    ``(..., in_features)``): on the CPU, a dtype of ``MAX_ROWS`` and at most that many rows."""
+    return (x.device.type == "cpu" and x.dtype in MAX_ROWS and x.shape[-1] > 0
+            and x.numel() <= MAX_ROWS[x.dtype] * x.shape[-1])

@@ -1,10 +1,11 @@
 """skinny_linear: the CPU linear for a few rows, against its executable specification
 ``F.linear``.
 
-Equality on hypothesis-drawn shapes (M = 1..16 rows, K = 1..5000 with the SIMD tail sizes
+Equality on hypothesis-drawn shapes (M = 1..16 rows and up to the float32 limit, K = 1..5000 with the SIMD tail sizes
 15/17/1535/1537, N = 1..3000 with odd N and N = 1 so the 6-row groups of W leave every
 remainder), with and without bias, with strided x and weight, in float32 and bfloat16; the
-passthrough to F.linear (M > 16, float16, float64); the op itself beyond 16 rows; bad input;
+passthrough to F.linear (past each dtype's MAX_ROWS, float16, float64); the op itself beyond
+16 rows; bad input;
 opcheck and torch.compile.
 """
 
@@ -17,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import specops
+from specops.linear_ops import MAX_ROWS
 
 OPS = torch.ops.specops
 # Two float32 sums of K products in different orders differ by about eps * sqrt(K) times
@@ -92,7 +94,8 @@ LAYOUTS = st.sampled_from(["2d", "1d", "rows_strided", "leading_transposed"])
 
 
 @settings(max_examples=40)
-@given(m=st.integers(1, 16), k=K_SIZES, n=N_SIZES, with_bias=st.booleans(), layout=LAYOUTS,
+@given(m=st.one_of(st.integers(1, 16), st.sampled_from([17, 33, MAX_ROWS[torch.float32]])),
+       k=K_SIZES, n=N_SIZES, with_bias=st.booleans(), layout=LAYOUTS,
        weight_strided=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_equals_f_linear(m, k, n, with_bias, layout, weight_strided, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -119,11 +122,14 @@ def test_bfloat16_equals_f_linear_in_float32(m, k, n, with_bias, layout, weight_
     else:
         weight = torch.randn(n, k, generator=gen).bfloat16()
     bias = torch.randn(n, generator=gen).bfloat16() if with_bias else None
+    op = OPS.skinny_linear(x, weight, bias)
+    assert_close_linear_bf16(op, x, weight, bias, "op")
     y = specops.skinny_linear(x, weight, bias)
-    assert_close_linear_bf16(y, x, weight, bias)
     assert y.is_contiguous()
-    # the wrapper runs the kernel for bfloat16 (deterministic: each output has one sum order)
-    assert torch.equal(y, OPS.skinny_linear(x, weight, bias).reshape(y.shape))
+    # up to its rows the wrapper runs the kernel for bfloat16 (deterministic: each output has
+    # one sum order), above them F.linear, which is the specification itself
+    expected = op if m <= MAX_ROWS[torch.bfloat16] else F.linear(x, weight, bias)
+    assert torch.equal(y, expected.reshape(y.shape))
 
 
 def test_bfloat16_rounds_to_nearest_even():
@@ -164,11 +170,15 @@ def test_empty_rows_and_zero_k():
                        b.expand(3, 5))
 
 
-@pytest.mark.parametrize("case", ["17_rows", "float16", "float64"])
+@pytest.mark.parametrize("case", ["float32_rows", "bfloat16_rows", "float16", "float64"])
 def test_passthrough_to_f_linear(case):
     """Shapes and dtypes the kernel does not serve give exactly F.linear's result."""
     gen = torch.Generator().manual_seed(1)
-    m, dtype = (17, torch.float32) if case == "17_rows" else (4, getattr(torch, case))
+    if case.endswith("_rows"):
+        dtype = getattr(torch, case.removesuffix("_rows"))
+        m = MAX_ROWS[dtype] + 1
+    else:
+        m, dtype = 4, getattr(torch, case)
     x = torch.randn(m, 129, generator=gen).to(dtype)
     w, b = torch.randn(70, 129, generator=gen).to(dtype), torch.randn(70, generator=gen).to(dtype)
     assert torch.equal(specops.skinny_linear(x, w, b), F.linear(x, w, b))

@@ -24,7 +24,7 @@ from torch import Tensor
 from ..attention_ops import tree_attention
 from ..hf import active_sliding_window
 from ..kv_ops import kv_write
-from ..linear_ops import KERNEL_DTYPES, MAX_ROWS, skinny_linear
+from ..linear_ops import kernel_serves, skinny_linear
 from .cache import StaticKVCache, check_step_inputs
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -48,12 +48,12 @@ def _rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def _linear(x: Tensor, proj: torch.nn.Module) -> Tensor:
     """``proj(x)`` with the module's own parameters, read in place. A decode or verify step on
-    the CPU in float32 or bfloat16 (at most 16 tokens in all rows) goes through
-    :func:`skinny_linear`, which reads the weight once however many tokens there are, where
-    torch's sgemm costs about twice the one-token product from two tokens on and its bfloat16
-    matrix-vector path is slower still; anything else through F.linear."""
-    if (x.device.type == "cpu" and x.dtype in KERNEL_DTYPES
-            and x.numel() <= MAX_ROWS * x.shape[-1]):
+    the CPU in float32 or bfloat16 (up to the rows of ``linear_ops.MAX_ROWS``, all batch rows
+    together) goes through :func:`skinny_linear`, which reads the weight once however many
+    tokens there are, where torch's sgemm costs about twice the one-token product from two
+    tokens on and its bfloat16 matrix-vector path is slower still; anything else (a long
+    prefill) through F.linear."""
+    if kernel_serves(x):
         return skinny_linear(x, proj.weight, proj.bias)
     return F.linear(x, proj.weight, proj.bias)
 
