@@ -142,6 +142,30 @@ def test_prefill_flag_only_changes_the_attention_kernel():
         assert sdpa_kv[:, :, :10].abs().sum() > 0 and sdpa_kv[:, :, 10:].abs().sum() == 0
 
 
+@pytest.mark.parametrize("block_rows", [7, None])  # None: the default block size
+def test_long_float32_prefill_runs_in_row_blocks(monkeypatch, block_rows):
+    """A float32 prefill longer than skinny_linear's rows runs every projection through the
+    kernel in row blocks (several blocks, a short last one; F.linear never called) and gives
+    transformers' logits."""
+    model = tiny_model("qwen2", max_position_embeddings=512)
+    lm = specops.models.causal_lm(model)
+    lens = [300, 171]
+    prompt = torch.randint(0, VOCAB["qwen2"], (2, 300), generator=torch.Generator().manual_seed(3))
+    expected = [hf_logits(model, prompt[b, :lens[b]])[-1] for b in range(2)]
+    if block_rows is not None:
+        monkeypatch.setattr(specops.models.llama, "PREFILL_BLOCK_ROWS", block_rows)
+
+    def no_f_linear(*args, **kwargs):
+        raise AssertionError("F.linear called: the prefill should run in kernel row blocks")
+    monkeypatch.setattr(torch.nn.functional, "linear", no_f_linear)
+    cache = lm.new_cache(2, 320)
+    positions = torch.arange(300).expand(2, -1)
+    last = torch.tensor(lens)[:, None] - 1
+    logits = lm(prompt, cache, i32([0, 0], "cpu"), positions, logits_index=last, prefill=True)
+    for b in range(2):
+        close(logits[b, 0], expected[b], torch.float32, f"prefill row {b}")
+
+
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
 def test_every_parameter_is_read_in_place(kind):
     """Perturbing any parameter of the transformers model in place changes the next output,
