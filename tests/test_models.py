@@ -149,19 +149,44 @@ def test_long_float32_prefill_runs_in_row_blocks(monkeypatch, block_rows):
     transformers' logits."""
     model = tiny_model("qwen2", max_position_embeddings=512)
     lm = specops.models.causal_lm(model)
-    lens = [300, 171]
-    prompt = torch.randint(0, VOCAB["qwen2"], (2, 300), generator=torch.Generator().manual_seed(3))
+    lens = [250, 171]  # 2 x 250 padded rows: one full block of 256 and a shorter one
+    prompt = torch.randint(0, VOCAB["qwen2"], (2, 250), generator=torch.Generator().manual_seed(3))
     expected = [hf_logits(model, prompt[b, :lens[b]])[-1] for b in range(2)]
     if block_rows is not None:
         monkeypatch.setattr(specops.models.llama, "PREFILL_BLOCK_ROWS", block_rows)
+    assert specops.models.llama.PREFILL_BLOCK_ROWS < 2 * 250 <= \
+        specops.models.llama.PREFILL_BLOCKED_MAX_ROWS
 
     def no_f_linear(*args, **kwargs):
         raise AssertionError("F.linear called: the prefill should run in kernel row blocks")
     monkeypatch.setattr(torch.nn.functional, "linear", no_f_linear)
-    cache = lm.new_cache(2, 320)
-    positions = torch.arange(300).expand(2, -1)
+    cache = lm.new_cache(2, 256)
+    positions = torch.arange(250).expand(2, -1)
     last = torch.tensor(lens)[:, None] - 1
     logits = lm(prompt, cache, i32([0, 0], "cpu"), positions, logits_index=last, prefill=True)
+    for b in range(2):
+        close(logits[b, 0], expected[b], torch.float32, f"prefill row {b}")
+
+
+def test_prefill_past_the_blocked_rows_uses_f_linear(monkeypatch):
+    """Past PREFILL_BLOCKED_MAX_ROWS rows (all batch rows together) a float32 prefill goes to
+    F.linear (faster there on the CPU measured) and still gives transformers' logits."""
+    model = tiny_model("qwen2")
+    lm = specops.models.causal_lm(model)
+    prompt = torch.randint(0, VOCAB["qwen2"], (2, 40), generator=torch.Generator().manual_seed(4))
+    expected = [hf_logits(model, prompt[b])[-1] for b in range(2)]
+    monkeypatch.setattr(specops.models.llama, "PREFILL_BLOCKED_MAX_ROWS", 79)
+    calls = []
+    real_linear = torch.nn.functional.linear
+
+    def counting_linear(x, *args, **kwargs):
+        calls.append(x.shape[:-1].numel())
+        return real_linear(x, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
+    cache = lm.new_cache(2, 48)
+    logits = lm(prompt, cache, i32([0, 0], "cpu"), torch.arange(40).expand(2, -1),
+                logits_index=torch.full((2, 1), 39), prefill=True)
+    assert calls and set(calls) == {80}, calls   # every projection of the 2 x 40 rows
     for b in range(2):
         close(logits[b, 0], expected[b], torch.float32, f"prefill row {b}")
 
