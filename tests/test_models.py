@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import specops
+import specops.linear_ops
 import specops.models
 from helpers import DEVICES
 
@@ -153,9 +154,9 @@ def test_long_float32_prefill_runs_in_row_blocks(monkeypatch, block_rows):
     prompt = torch.randint(0, VOCAB["qwen2"], (2, 250), generator=torch.Generator().manual_seed(3))
     expected = [hf_logits(model, prompt[b, :lens[b]])[-1] for b in range(2)]
     if block_rows is not None:
-        monkeypatch.setattr(specops.models.llama, "PREFILL_BLOCK_ROWS", block_rows)
-    assert specops.models.llama.PREFILL_BLOCK_ROWS < 2 * 250 <= \
-        specops.models.llama.PREFILL_BLOCKED_MAX_ROWS
+        monkeypatch.setattr(specops.linear_ops, "PREFILL_BLOCK_ROWS", block_rows)
+    assert specops.linear_ops.PREFILL_BLOCK_ROWS < 2 * 250 <= \
+        specops.linear_ops.PREFILL_BLOCKED_MAX_ROWS
 
     def no_f_linear(*args, **kwargs):
         raise AssertionError("F.linear called: the prefill should run in kernel row blocks")
@@ -175,7 +176,7 @@ def test_prefill_past_the_blocked_rows_uses_f_linear(monkeypatch):
     lm = specops.models.causal_lm(model)
     prompt = torch.randint(0, VOCAB["qwen2"], (2, 40), generator=torch.Generator().manual_seed(4))
     expected = [hf_logits(model, prompt[b])[-1] for b in range(2)]
-    monkeypatch.setattr(specops.models.llama, "PREFILL_BLOCKED_MAX_ROWS", 79)
+    monkeypatch.setattr(specops.linear_ops, "PREFILL_BLOCKED_MAX_ROWS", 79)
     calls = []
     real_linear = torch.nn.functional.linear
 

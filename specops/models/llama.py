@@ -21,25 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import ops
 from ..attention_ops import tree_attention
 from ..hf import active_sliding_window
 from ..kv_ops import kv_write
-from ..linear_ops import kernel_serves, skinny_linear
+from ..linear_ops import model_linear
 from .cache import StaticKVCache, check_step_inputs
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _OP = "SpecopsCausalLM.forward"
-# A float32 prefill on the CPU runs its projections as blocks of this many rows through the
-# skinny_linear kernel: measured faster than torch's sgemm for blocks of up to 256 rows and
-# slower from 512 on (x no longer fits the caches). 2-core AMD EPYC, 2 threads, Qwen2.5-1.5B
-# projections at 173 rows: 8960x1536 27.0 vs 38.8 ms, 1536x8960 24.6 vs 27.3, 1536x1536 4.4
-# vs 5.8; at 256 rows 41.1 vs 49.7, 35.9 vs 38.8, 6.4 vs 7.8. The whole float32 prefill of
-# the 1.5B model: 173 tokens 2.68 vs 3.53 s, 400 tokens 6.4 vs 6.8 s, 1000 tokens even (17 s),
-# and a batch of 4 x 371 positions slower (29.5 vs 24.7-26.3 s): longer inputs than
-# PREFILL_BLOCKED_MAX_ROWS (all rows together) stay on sgemm.
-PREFILL_BLOCK_ROWS = 256
-PREFILL_BLOCKED_MAX_ROWS = 512
 
 
 def _rms_norm(x: Tensor, norm: torch.nn.Module) -> Tensor:
@@ -58,22 +47,10 @@ def _rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def _linear(x: Tensor, proj: torch.nn.Module) -> Tensor:
-    """``proj(x)`` with the module's own parameters, read in place. A decode or verify step on
-    the CPU in float32 or bfloat16 (up to the rows of ``linear_ops.MAX_ROWS``, all batch rows
-    together) goes through :func:`skinny_linear`, which reads the weight once however many
-    tokens there are, where torch's sgemm costs about twice the one-token product from two
-    tokens on and its bfloat16 matrix-vector path is slower still. A longer float32 input (a
-    prefill) of up to ``PREFILL_BLOCKED_MAX_ROWS`` rows goes through the same kernel in
-    blocks of ``PREFILL_BLOCK_ROWS`` rows; anything else through F.linear."""
-    if kernel_serves(x):
-        return skinny_linear(x, proj.weight, proj.bias)
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and ops.get_backend() == "kernels"
-            and x.numel() <= PREFILL_BLOCKED_MAX_ROWS * x.shape[-1]):
-        rows = x.reshape(-1, x.shape[-1])
-        blocks = [torch.ops.specops.skinny_linear(block, proj.weight, proj.bias)
-                  for block in rows.split(PREFILL_BLOCK_ROWS)]
-        return torch.cat(blocks).view(*x.shape[:-1], -1)
-    return F.linear(x, proj.weight, proj.bias)
+    """``proj(x)`` with the module's own parameters, read in place, routed by
+    :func:`specops.linear_ops.model_linear` (the CPU kernel for a decode or verify step and
+    for a short float32 prefill, F.linear otherwise)."""
+    return model_linear(x, proj.weight, proj.bias)
 
 
 class SpecopsCausalLM:
