@@ -21,16 +21,17 @@ _OP = "skinny_linear"
 # product instructions. Where those are missing the kernel would stay ahead longer; 6 is the
 # measured crossover here.
 MAX_ROWS = {torch.float32: 64, torch.bfloat16: 6}
-# A float32 prefill on the CPU runs its projections (model_linear) as blocks of this many rows
-# through the skinny_linear kernel: measured faster than torch's sgemm for blocks of up to 256 rows and
-# slower from 512 on (x no longer fits the caches). 2-core AMD EPYC, 2 threads, Qwen2.5-1.5B
-# projections at 173 rows: 8960x1536 27.0 vs 38.8 ms, 1536x8960 24.6 vs 27.3, 1536x1536 4.4
-# vs 5.8; at 256 rows 41.1 vs 49.7, 35.9 vs 38.8, 6.4 vs 7.8. The whole float32 prefill of
-# the 1.5B model: 173 tokens 2.68 vs 3.53 s, 400 tokens 6.4 vs 6.8 s, 1000 tokens even (17 s),
-# and a batch of 4 x 371 positions slower (29.5 vs 24.7-26.3 s): longer inputs than
-# PREFILL_BLOCKED_MAX_ROWS (all rows together) stay on sgemm.
-PREFILL_BLOCK_ROWS = 256
-PREFILL_BLOCKED_MAX_ROWS = 512
+# A float32 input past MAX_ROWS on the CPU (a prefill) goes to oneDNN's matmul
+# (torch.ops.mkldnn._linear_pointwise, the op torch's own compiler emits for CPU linears; it
+# takes nn.Linear's weight as it is) rather than torch's F.linear, which on this CPU goes to
+# MKL's sgemm. Measured on the 2-core AMD EPYC, 2 threads, Qwen2.5-1.5B projections
+# (8960x1536 / 1536x8960 / 1536x1536), ms: 172 rows oneDNN 22.9 / 22.5 / 3.9, sgemm 33.1 /
+# 27.2 / 4.5, this kernel in a 172-row block 26.1 / 22.8 / 4.4; 359 rows 47.4 / 46.2 / 8.0
+# against sgemm 59.5 / 51.5 / 9.1; 1484 rows (a batch of 4 long prompts) 213 / 199 against
+# sgemm 233 / 210. MKL is known to take a slower code path on AMD CPUs; on an Intel CPU the
+# two libraries should be closer. Without oneDNN in the torch build, F.linear.
+_ONEDNN_LINEAR = (torch.backends.mkldnn.is_available()
+                  and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def skinny_linear_meta(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
@@ -116,9 +117,9 @@ def model_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     step on the CPU in float32 or bfloat16 (up to ``MAX_ROWS``, all batch rows together)
     through :func:`skinny_linear`, which reads the weight once however many tokens there are,
     where torch's sgemm costs about twice the one-token product from two tokens on and its
-    bfloat16 matrix-vector path is slower still. A longer float32 input (a prefill) of up to
-    ``PREFILL_BLOCKED_MAX_ROWS`` rows goes through the same kernel in blocks of
-    ``PREFILL_BLOCK_ROWS`` rows; anything else through F.linear.
+    bfloat16 matrix-vector path is slower still. A longer float32 input on the CPU (a
+    prefill) goes to oneDNN's matmul, faster than torch's sgemm there (``_ONEDNN_LINEAR``);
+    anything else through F.linear.
 
     Args:
         x: Shape ``(..., in_features)``.
@@ -130,10 +131,10 @@ def model_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     """
     if kernel_serves(x):
         return skinny_linear(x, weight, bias)
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and ops.get_backend() == "kernels"
-            and x.numel() <= PREFILL_BLOCKED_MAX_ROWS * x.shape[-1]):
+    if (_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32
+            and ops.get_backend() == "kernels" and weight.is_contiguous()
+            and x.shape[-1] > 0 and x.numel() > 0):
         rows = x.reshape(-1, x.shape[-1])
-        blocks = [torch.ops.specops.skinny_linear(block, weight, bias)
-                  for block in rows.split(PREFILL_BLOCK_ROWS)]
-        return torch.cat(blocks).view(*x.shape[:-1], -1)
+        return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "").view(
+            *x.shape[:-1], -1)
     return F.linear(x, weight, bias)

@@ -143,40 +143,49 @@ def test_prefill_flag_only_changes_the_attention_kernel():
         assert sdpa_kv[:, :, :10].abs().sum() > 0 and sdpa_kv[:, :, 10:].abs().sum() == 0
 
 
-@pytest.mark.parametrize("block_rows", [7, None])  # None: the default block size
-def test_long_float32_prefill_runs_in_row_blocks(monkeypatch, block_rows):
-    """A float32 prefill longer than skinny_linear's rows runs every projection through the
-    kernel in row blocks (several blocks, a short last one; F.linear never called) and gives
+def _prefill_last_logits(lm, prompt, lens):
+    batch, width = prompt.shape
+    cache = lm.new_cache(batch, width + 8)
+    return lm(prompt, cache, i32([0] * batch, "cpu"), torch.arange(width).expand(batch, -1),
+              logits_index=torch.tensor(lens)[:, None] - 1, prefill=True)
+
+
+@pytest.mark.skipif(not specops.linear_ops._ONEDNN_LINEAR,
+                    reason="this torch build has no oneDNN (the prefill then uses F.linear)")
+def test_long_float32_prefill_uses_onednn(monkeypatch):
+    """A float32 prefill longer than skinny_linear's rows runs every projection through
+    oneDNN's matmul (F.linear never called), ragged right-padded rows included, and gives
     transformers' logits."""
     model = tiny_model("qwen2", max_position_embeddings=512)
     lm = specops.models.causal_lm(model)
-    lens = [250, 171]  # 2 x 250 padded rows: one full block of 256 and a shorter one
+    lens = [250, 171]
     prompt = torch.randint(0, VOCAB["qwen2"], (2, 250), generator=torch.Generator().manual_seed(3))
     expected = [hf_logits(model, prompt[b, :lens[b]])[-1] for b in range(2)]
-    if block_rows is not None:
-        monkeypatch.setattr(specops.linear_ops, "PREFILL_BLOCK_ROWS", block_rows)
-    assert specops.linear_ops.PREFILL_BLOCK_ROWS < 2 * 250 <= \
-        specops.linear_ops.PREFILL_BLOCKED_MAX_ROWS
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    def counting_onednn(x, *args):
+        calls.append(x.shape[0])
+        return real(x, *args)
 
     def no_f_linear(*args, **kwargs):
-        raise AssertionError("F.linear called: the prefill should run in kernel row blocks")
+        raise AssertionError("F.linear called: a float32 prefill should run on oneDNN")
     monkeypatch.setattr(torch.nn.functional, "linear", no_f_linear)
-    cache = lm.new_cache(2, 256)
-    positions = torch.arange(250).expand(2, -1)
-    last = torch.tensor(lens)[:, None] - 1
-    logits = lm(prompt, cache, i32([0, 0], "cpu"), positions, logits_index=last, prefill=True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counting_onednn)
+    logits = _prefill_last_logits(lm, prompt, lens)
+    assert calls and set(calls) == {500}, calls   # every projection of the 2 x 250 rows
     for b in range(2):
         close(logits[b, 0], expected[b], torch.float32, f"prefill row {b}")
 
 
-def test_prefill_past_the_blocked_rows_uses_f_linear(monkeypatch):
-    """Past PREFILL_BLOCKED_MAX_ROWS rows (all batch rows together) a float32 prefill goes to
-    F.linear (faster there on the CPU measured) and still gives transformers' logits."""
+def test_prefill_without_onednn_uses_f_linear(monkeypatch):
+    """Without oneDNN a float32 prefill past skinny_linear's rows goes to F.linear and still
+    gives transformers' logits."""
     model = tiny_model("qwen2")
     lm = specops.models.causal_lm(model)
     prompt = torch.randint(0, VOCAB["qwen2"], (2, 40), generator=torch.Generator().manual_seed(4))
     expected = [hf_logits(model, prompt[b])[-1] for b in range(2)]
-    monkeypatch.setattr(specops.linear_ops, "PREFILL_BLOCKED_MAX_ROWS", 79)
+    monkeypatch.setattr(specops.linear_ops, "_ONEDNN_LINEAR", False)
     calls = []
     real_linear = torch.nn.functional.linear
 
@@ -184,9 +193,7 @@ def test_prefill_past_the_blocked_rows_uses_f_linear(monkeypatch):
         calls.append(x.shape[:-1].numel())
         return real_linear(x, *args, **kwargs)
     monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
-    cache = lm.new_cache(2, 48)
-    logits = lm(prompt, cache, i32([0, 0], "cpu"), torch.arange(40).expand(2, -1),
-                logits_index=torch.full((2, 1), 39), prefill=True)
+    logits = _prefill_last_logits(lm, prompt, [40, 40])
     assert calls and set(calls) == {80}, calls   # every projection of the 2 x 40 rows
     for b in range(2):
         close(logits[b, 0], expected[b], torch.float32, f"prefill row {b}")

@@ -48,8 +48,8 @@ def _rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def _linear(x: Tensor, proj: torch.nn.Module) -> Tensor:
     """``proj(x)`` with the module's own parameters, read in place, routed by
-    :func:`specops.linear_ops.model_linear` (the CPU kernel for a decode or verify step and
-    for a short float32 prefill, F.linear otherwise)."""
+    :func:`specops.linear_ops.model_linear` (the CPU kernel for a decode or verify step,
+    oneDNN's matmul for a float32 prefill on the CPU, F.linear otherwise)."""
     return model_linear(x, proj.weight, proj.bias)
 
 
