@@ -36,6 +36,10 @@ from .stats import GenerationStats, PhaseClock
 from .tree_ops import tree_metadata, tree_verify, tree_verify_greedy
 from .trees import keep_best_nodes
 
+# The longest draft of a draft model's steps when the caller sets none: each drafted token
+# costs a draft-model step, so long drafts rarely pay (the controller chooses 0..8).
+MODEL_MAX_DRAFT = 8
+
 # Philox purpose of the draft model's own draws. Purposes 0 and 1 belong to the verify ops
 # (contract); a third purpose keeps the draft's randomness independent of theirs.
 PURPOSE_DRAFT = 2
@@ -166,6 +170,12 @@ class SpeculativeGenerator:
             :class:`Hybrid`.
         num_draft_tokens: draft length per step; None = chosen per step by the cost-aware
             :class:`specops.controller.DraftLengthController` in ``0..max_draft_tokens``.
+        max_draft_tokens: the longest draft the controller may choose; None = the
+            drafter's own: ``PromptLookup.num_draft`` for lookup steps (32 by default: a
+            copied span costs no draft step, so only the verify pass limits it), 8 for the
+            draft model's steps (each token costs a draft step). A :class:`Hybrid` keeps one
+            controller for each kind of step (lookup steps, where every row has a match, and
+            draft-model steps), each with its own acceptance estimates and draft cost.
         tree: None (chains), a :class:`DynamicTree` or a :class:`StaticTree` (both need a
             draft model).
         temperature, top_k, top_p: as Hugging Face's warpers; ``temperature=0`` is greedy.
@@ -183,7 +193,8 @@ class SpeculativeGenerator:
     """
 
     def __init__(self, target: torch.nn.Module, draft=None, *, num_draft_tokens: int | None = None,
-                 max_draft_tokens: int = 8, tree: DynamicTree | StaticTree | None = None,
+                 max_draft_tokens: int | None = None,
+                 tree: DynamicTree | StaticTree | None = None,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  eos_token_id: int | Sequence[int] | None = None,
                  stop_strings: Sequence[str] | None = None, tokenizer=None, draft_tokenizer=None,
@@ -212,16 +223,23 @@ class SpeculativeGenerator:
             raise ValueError(f"top_k must be an integer >= 0, got {top_k}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if max_draft_tokens < 0:
-            raise ValueError(f"max_draft_tokens must be >= 0, got {max_draft_tokens}")
+        if max_draft_tokens is not None and max_draft_tokens < 0:
+            raise ValueError(f"max_draft_tokens must be None or >= 0, got {max_draft_tokens}")
         if num_draft_tokens is not None and not 0 <= num_draft_tokens <= 64:
             raise ValueError(f"num_draft_tokens must be None or in 0..64, got {num_draft_tokens}")
         if stop_strings and tokenizer is None:
             raise ValueError("stop_strings need the tokenizer (tokenizer=...)")
         self.tree = tree
         self.num_draft_tokens = num_draft_tokens
-        self.max_draft_tokens = (num_draft_tokens if num_draft_tokens is not None
-                                 else max_draft_tokens)
+        fixed = num_draft_tokens if num_draft_tokens is not None else max_draft_tokens
+        # the longest draft per kind of step: "model" (draft model) and "lookup" (proposer)
+        self.max_draft = {}
+        if self.draft is not None:
+            self.max_draft["model"] = fixed if fixed is not None else MODEL_MAX_DRAFT
+        if self.lookup is not None:
+            self.max_draft["lookup"] = (fixed if fixed is not None else
+                                        getattr(self.lookup, "num_draft", MODEL_MAX_DRAFT))
+        self.max_draft_tokens = max(self.max_draft.values(), default=fixed or 0)
         self.temperature, self.top_k, self.top_p = float(temperature), int(top_k), float(top_p)
         self.seed = int(seed)
         config = target.config
@@ -232,7 +250,7 @@ class SpeculativeGenerator:
         if pad_token_id is None:
             pad_token_id = getattr(config, "pad_token_id", None)
         self.pad_token_id = pad_token_id if pad_token_id is not None else min(self.eos, default=0)
-        self.controller: DraftLengthController | None = None
+        self.controllers: dict[str, DraftLengthController] = {}
         self.tree_controller: TreeSizeController | None = None
         self.cost: CostModel | None = None
         self.cuda_graphs = bool(cuda_graphs)
@@ -241,11 +259,17 @@ class SpeculativeGenerator:
         """Forgets what the controllers learnt about acceptance (the draft-length estimates,
         the tree calibration), keeping the measured cost model: for a new kind of request,
         or a benchmark that gives every call the same start."""
-        if self.controller is not None:
-            self.controller = DraftLengthController(self.cost, self.max_draft_tokens)
+        self.controllers = {kind: DraftLengthController(control.cost, self.max_draft[kind])
+                            for kind, control in self.controllers.items()}
         if self.tree_controller is not None:
             self.tree_controller = TreeSizeController(
                 self.cost, self.tree_controller.growth_seconds, self.tree.num_nodes)
+
+    @property
+    def controller(self) -> DraftLengthController | None:
+        """The draft-length controller of the draft model's steps, or of prompt lookup's
+        when there is no draft model; None before the first call or with fixed lengths."""
+        return self.controllers.get("model", self.controllers.get("lookup"))
 
     @staticmethod
     def _check_draft(target, draft, tokenizer, draft_tokenizer) -> CausalLM:
@@ -343,6 +367,7 @@ class _Run:
                                if graphs and target.graph_safe else verify_forward)
         self.seeds = gen.seed + torch.arange(self.batch, dtype=torch.int64, device=self.device)
         self.stats = GenerationStats()
+        self.controllers: dict[str, DraftLengthController] = {}   # set up by loop()
         self.clock = PhaseClock(self.device)
         self.greedy = gen.temperature == 0
 
@@ -376,11 +401,7 @@ class _Run:
             self._setup_tree_controller()
         while not all(self.done):
             self.root_lens = [len(r) for r in self.rows]
-            num_draft = self._choose_length()
-            if gen.tree is not None:
-                emitted = self._tree_step()
-            else:
-                emitted = self._chain_step(num_draft)
+            emitted = self._tree_step() if gen.tree is not None else self._chain_step()
             self.clock.switch("overhead")
             self._emit(emitted)
         self.clock.switch(None)
@@ -409,24 +430,35 @@ class _Run:
     def _remaining(self, b: int) -> int:
         return self.budget - (len(self.rows[b]) - self.prompt_lens[b])
 
-    def _choose_length(self) -> int:
-        gen = self.gen
-        if gen.tree is not None or (self.draft is None and gen.lookup is None):
-            length = 0
-        elif self.controller is not None:
-            length = self.controller.choose()
+    def _plan(self) -> tuple[str | None, int, list[list[int]]]:
+        """This step's kind ("lookup": every active row has a lookup match of at least
+        ``min_match`` tokens, or there is no draft model; "model": the draft model runs;
+        None: no drafter), its draft length (the kind's controller's choice or the fixed
+        length, cut to the rows' budgets), and each row's lookup proposal at the lookup's
+        longest length (``[]`` without prompt lookup)."""
+        gen, batch = self.gen, self.batch
+        active = [b for b in range(batch) if not self.done[b]]
+        looked = (gen.lookup.propose(self.rows, gen.max_draft["lookup"])
+                  if gen.lookup is not None else [[] for _ in range(batch)])
+        if self.draft is not None and any(len(looked[b]) < gen.min_match for b in active):
+            kind = "model"
         else:
-            length = gen.num_draft_tokens if gen.num_draft_tokens is not None else 0
+            kind = "lookup" if gen.lookup is not None else None
+        if kind is None:
+            length = 0
+        elif kind in self.controllers:
+            length = self.controllers[kind].choose()
+        else:
+            length = gen.num_draft_tokens or 0
         # drafting past every active row's budget only wastes work
-        room = max(self._remaining(b) for b in range(self.batch) if not self.done[b]) - 1
-        return max(0, min(length, room))
-
-    controller: DraftLengthController | None = None
+        room = max(self._remaining(b) for b in active) - 1
+        return kind, max(0, min(length, room)), looked
 
     def _setup_controller(self) -> None:
-        """Cost model from a short warm-up (the target's forward for 1, 2 and
-        ``max_draft + 1`` tokens, one draft step), refined online from every step's timing;
-        the controller itself persists on the generator, acceptance estimates included."""
+        """Cost model from a short warm-up (the target's forward for a few token counts up
+        to ``max_draft + 1``, one draft step), refined online from every step's timing; the
+        controllers themselves persist on the generator, acceptance estimates included.
+        Lookup steps share the target's verify costs and draft at no model cost."""
         gen = self.gen
         if gen.cost is None:
             verify = self._measure_verify(gen.max_draft_tokens + 1)
@@ -437,8 +469,12 @@ class _Run:
                 draft_cost = self._time_warm(lambda: gen.draft(
                     token, self.draft.cache, dlens, dlens.long()[:, None]))
             gen.cost = CostModel(verify_seconds=verify, draft_step_seconds=draft_cost)
-            gen.controller = DraftLengthController(gen.cost, gen.max_draft_tokens)
-        self.controller = gen.controller
+            costs = {"model": gen.cost,
+                     "lookup": (CostModel(verify_seconds=verify, draft_step_seconds=0.0)
+                                if self.draft is not None else gen.cost)}
+            gen.controllers = {kind: DraftLengthController(costs[kind], most)
+                               for kind, most in gen.max_draft.items()}
+        self.controllers = gen.controllers
 
     tree_controller: TreeSizeController | None = None
 
@@ -460,11 +496,16 @@ class _Run:
         self.tree_controller = gen.tree_controller
 
     def _measure_verify(self, largest: int) -> dict[int, float]:
-        """The target's forward for 1, 2 and ``largest`` tokens per row, in seconds (2 as
-        well as the ends: fp32 CPU matmuls jump from 1 row to 2 and are flat after)."""
+        """The target's forward for 1, 2, 9, 17, 33, ... (below ``largest``) and ``largest``
+        tokens per row, in seconds: fp32 CPU matmuls jump from 1 row to 2, then grow slowly
+        while the kernel streams the weight, faster once a GEMM takes over (past
+        ``specops.linear_ops.MAX_ROWS`` rows, all batch rows together), so a long range is
+        not one straight line."""
         lens = self._lens([len(r) - 1 for r in self.rows])
+        sizes = {1, 2, largest} | {2 ** k + 1 for k in range(3, largest.bit_length())
+                                   if 2 ** k + 1 < largest}
         return {n: self._time_warm(lambda: self._target_forward_dummy(lens, n))
-                for n in sorted({1, 2, largest})}
+                for n in sorted(sizes)}
 
     def _time_warm(self, fn) -> float:
         """Seconds of ``fn()``: on a GPU the faster of two calls (the first compiles
@@ -488,17 +529,17 @@ class _Run:
         return time.perf_counter() - start
 
     # ------------------------------------------------------------------------- chain step
-    def _propose(self, num_draft: int) -> tuple[Tensor, Tensor | None, list[int], list[bool]]:
+    def _propose(self, kind: str | None, num_draft: int, looked: list[list[int]]
+                 ) -> tuple[Tensor, Tensor | None, list[int], list[bool]]:
         """Draft tokens ``(B, num_draft)``, their probabilities (None: deterministic), each
         row's draft length, and which rows took the draft model's tokens (none when the
-        model did not run)."""
+        model did not run). ``kind`` and ``looked`` as :meth:`_plan` returns them."""
         gen, batch = self.gen, self.batch
         if num_draft == 0:
             return (torch.zeros(batch, 0, dtype=torch.int64, device=self.device), None,
                     [0] * batch, [False] * batch)
-        looked = (gen.lookup.propose(self.rows, num_draft) if gen.lookup is not None
-                  else [[] for _ in range(batch)])
-        use_model = [self.draft is not None and not self.done[b] and len(looked[b]) < gen.min_match
+        looked = [proposal[:num_draft] for proposal in looked]
+        use_model = [kind == "model" and not self.done[b] and len(looked[b]) < gen.min_match
                      for b in range(batch)]
         tokens = torch.zeros(batch, num_draft, dtype=torch.int64, device=self.device)
         probs = None
@@ -515,10 +556,12 @@ class _Run:
                 probs[b, torch.arange(n), tokens[b, :n]] = 1.0
         return tokens, probs, lens, use_model
 
-    def _chain_step(self, num_draft: int) -> list[list[int]]:
+    def _chain_step(self, plain: bool = False) -> list[list[int]]:
+        """One chain step (``plain``: a plain decoding step, nothing drafted)."""
         self.clock.switch("draft")
         started = time.perf_counter()
-        tokens, probs, draft_lens, use_model = self._propose(num_draft)
+        kind, num_draft, looked = (None, 0, [[]] * self.batch) if plain else self._plan()
+        tokens, probs, draft_lens, use_model = self._propose(kind, num_draft, looked)
         drafted = time.perf_counter()
         if not any(use_model):              # only lookup tokens (or none): verify what exists
             num_draft = max(draft_lens)
@@ -537,28 +580,29 @@ class _Run:
                                                  seeds=self.seeds,
                                                  positions=target_lens.long())
         out_list, accepted = out.tolist(), num_accepted.tolist()
-        self._learn_cost(num_draft, any(use_model), drafted - started,
-                         time.perf_counter() - drafted)
+        self._learn_cost(kind, num_draft, drafted - started, time.perf_counter() - drafted)
         if any(use_model):
             # the draft cache holds the root and its own first num_draft - 1 drafts: the
             # accepted ones stay; rows that verified lookup tokens keep only the root
             self.draft.cached = [n + (min(a, num_draft - 1) if used else 0) for n, a, used
                                  in zip(self.root_lens, accepted, use_model)]
-        self._record(num_draft, draft_lens, accepted)
+        self._record(num_draft, draft_lens, accepted, kind)
         return [o[:a + 1] for o, a in zip(out_list, accepted)]
 
-    def _learn_cost(self, num_draft: int, ran_draft: bool, draft_seconds: float,
+    def _learn_cost(self, kind: str | None, num_draft: int, draft_seconds: float,
                     verify_seconds: float) -> None:
-        """Refines the controller's cost model from this step's timing (an exponential moving
-        average per verified length). Only on the CPU, where reading the clock needs no
-        device synchronisation; on a GPU the warm-up measurement stands."""
-        cost = self.gen.cost
-        if cost is None or self.device.type != "cpu":
+        """Refines the cost model of the controller of this step's ``kind`` from the step's
+        timing (an exponential moving average per verified length; the verify costs are
+        shared by both kinds). Only on the CPU, where reading the clock needs no device
+        synchronisation; on a GPU the warm-up measurement stands."""
+        control = self.controllers.get(kind)
+        if control is None or self.device.type != "cpu":
             return
+        cost = control.cost
         n = num_draft + 1
         old = cost.verify_seconds.get(n)
         cost.verify_seconds[n] = verify_seconds if old is None else 0.8 * old + 0.2 * verify_seconds
-        if num_draft > 0 and (ran_draft or self.draft is None):
+        if num_draft > 0:
             cost.draft_step_seconds = (0.8 * cost.draft_step_seconds
                                        + 0.2 * draft_seconds / num_draft)
 
@@ -569,16 +613,18 @@ class _Run:
             control = self.tree_controller
             control.growth_seconds = 0.8 * control.growth_seconds + 0.2 * seconds
 
-    def _record(self, num_draft: int, draft_lens: list[int], accepted: list[int]) -> None:
+    def _record(self, num_draft: int, draft_lens: list[int], accepted: list[int],
+                kind: str | None = None) -> None:
         active = [b for b in range(self.batch) if not self.done[b]]
         stats = self.stats
         stats.steps += 1
         stats.draft_lengths[num_draft] += 1
         stats.record_acceptance([draft_lens[b] for b in active], [accepted[b] for b in active])
-        if self.controller is not None:
+        control = self.controllers.get(kind)
+        if control is not None:
             full = [accepted[b] for b in active if draft_lens[b] == num_draft]
             if num_draft > 0 and full:
-                self.controller.update(num_draft, full)
+                control.update(num_draft, full)
 
     # ------------------------------------------------------------------------- tree step
     def _tree_children(self, logits: Tensor, level: int) -> tuple[Tensor, Tensor | None]:
@@ -598,7 +644,7 @@ class _Run:
     def _tree_step(self) -> list[list[int]]:
         tree, control = self.gen.tree, self.tree_controller
         if control is not None and not control.use_tree():
-            return self._chain_step(0)                      # plain decoding pays more now
+            return self._chain_step(plain=True)                      # plain decoding pays more now
         self.clock.switch("draft")
         started = time.perf_counter()
         draft_probs = None
@@ -685,7 +731,7 @@ def generate(target: torch.nn.Module, input_ids: Tensor, *, draft=None,
              eos_token_id: int | Sequence[int] | None = None,
              stop_strings: Sequence[str] | None = None, tokenizer=None,
              streamer: Callable[[list[list[int]]], None] | None = None,
-             max_draft_tokens: int = 8, cuda_graphs: bool = False,
+             max_draft_tokens: int | None = None, cuda_graphs: bool = False,
              **unsupported) -> GenerationOutput:
     """Speculative generation: the target's output distribution, faster.
 
@@ -697,6 +743,7 @@ def generate(target: torch.nn.Module, input_ids: Tensor, *, draft=None,
             :class:`PromptLookup` or :class:`Hybrid`.
         max_new_tokens: most new tokens per row.
         num_draft_tokens: fixed draft length, or None for the cost-aware controller.
+        max_draft_tokens: the controller's longest draft (see :class:`SpeculativeGenerator`).
         tree: a :class:`DynamicTree` or :class:`StaticTree` for tree drafting.
         temperature, top_k, top_p, seed: sampling (``temperature=0``: greedy). Row ``b``
             uses seed ``seed + b``.

@@ -90,11 +90,16 @@ class PromptLookup:
     Args:
         max_ngram: The longest key tried, ``>= min_ngram``.
         min_ngram: The shortest key tried, ``>= 1``.
-        num_draft: The draft length the loop uses when it is not told one, ``>= 0``; the
-            controller's ``max_draft`` when it chooses lengths itself.
+        num_draft: The longest draft the loop's cost-aware controller may choose for a
+            lookup step (unless ``max_draft_tokens`` is given), ``>= 0``. 32 by default: a
+            copied span costs nothing to propose, so only the verify pass limits it. Measured
+            with the Qwen2.5-Coder 1.5B target in float32 on a 2-core CPU, 96 new tokens,
+            three HumanEval prompts: 32 against 8 cut the whole call by 11-17% (the
+            controller kept choosing the longest length, every position past the first
+            accepted), 16 lay between.
     """
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, num_draft: int = 8):
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, num_draft: int = 32):
         _check_args("PromptLookup", num_draft, max_ngram, min_ngram)
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram

@@ -48,11 +48,14 @@ def drafters(target, draft):
             "static-tree": dict(draft=draft, tree=specops.StaticTree((2, 2, 1))),
             "lookup": dict(draft=specops.PromptLookup(max_ngram=2), num_draft_tokens=4),
             "hybrid": dict(draft=specops.Hybrid(draft, specops.PromptLookup(max_ngram=2)),
-                           num_draft_tokens=3)}
+                           num_draft_tokens=3),
+            "lookup-auto": dict(draft=specops.PromptLookup(max_ngram=2)),
+            "hybrid-auto": dict(draft=specops.Hybrid(draft, specops.PromptLookup(max_ngram=2)))}
 
 
 @pytest.mark.parametrize("method", ["plain", "chain-3", "chain-auto", "tree", "adaptive-tree",
-                                    "static-tree", "lookup", "hybrid"])
+                                    "static-tree", "lookup", "hybrid", "lookup-auto",
+                                    "hybrid-auto"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_greedy_equals_target_generate(pair, method, side):
     target, draft = pair
@@ -262,3 +265,60 @@ def test_reset_estimates_keeps_the_cost_model(pair):
     tree.reset_estimates()
     assert tree.tree_controller.calibration == 1.0
     assert tree.tree_controller.growth_seconds == growth and tree.tree_controller.cost is tree.cost
+
+
+def test_default_longest_drafts(pair):
+    """Lookup steps may draft up to PromptLookup.num_draft (32), draft-model steps up to 8;
+    max_draft_tokens or num_draft_tokens set both."""
+    target, draft = pair
+    make = specops.SpeculativeGenerator
+    assert make(target, specops.PromptLookup()).max_draft == {"lookup": 32}
+    assert make(target, specops.PromptLookup(num_draft=12)).max_draft == {"lookup": 12}
+    assert make(target, draft).max_draft == {"model": 8}
+    assert make(target, specops.Hybrid(draft)).max_draft == {"model": 8, "lookup": 32}
+    assert make(target, specops.Hybrid(draft), max_draft_tokens=5).max_draft == \
+        {"model": 5, "lookup": 5}
+    assert make(target, specops.PromptLookup(), num_draft_tokens=3).max_draft == {"lookup": 3}
+    assert make(target, None).max_draft == {}
+
+
+def test_verify_cost_is_measured_along_a_long_draft_range(pair):
+    """A 32-token lookup range measures the verify pass at 1, 2, 9, 17 and 33 tokens (not
+    one straight line from 2 to 33)."""
+    target, _ = pair
+    row = torch.tensor([prompts(target.config.vocab_size, [6], seed=6)[0]])
+    gen = specops.SpeculativeGenerator(target, specops.PromptLookup(), eos_token_id=[])
+    gen.generate(row, max_new_tokens=4)
+    assert {1, 2, 9, 17, 33} <= set(gen.cost.verify_seconds), gen.cost.verify_seconds
+
+
+class _FixedProposer:
+    """Proposes the root repeated ``num_draft`` times for every row, or nothing."""
+
+    def __init__(self, proposes: bool, num_draft: int = 12):
+        self.proposes, self.num_draft = proposes, num_draft
+
+    def propose(self, rows, num_draft):
+        return [[row[-1]] * num_draft if self.proposes else [] for row in rows]
+
+
+@pytest.mark.parametrize("matches", [True, False])
+def test_hybrid_gives_each_kind_of_step_its_own_controller(pair, matches):
+    """A hybrid step where every row has a lookup match is chosen by the lookup controller
+    (its own longest draft, no draft-model cost), any other by the draft model's; the two
+    share the measured verify costs, and the output stays the target's greedy one."""
+    target, draft = pair
+    row = prompts(target.config.vocab_size, [6], seed=7)[0]
+    gen = specops.SpeculativeGenerator(
+        target, specops.Hybrid(draft, _FixedProposer(matches), min_match=1), eos_token_id=[])
+    out = gen.generate(torch.tensor([row]), max_new_tokens=NEW)
+    assert_same_or_tie(target, row, out.sequences[0, 6:].tolist(), hf_greedy(target, row, NEW),
+                       "hybrid")
+    model, lookup = gen.controllers["model"], gen.controllers["lookup"]
+    assert (model.max_draft, lookup.max_draft) == (8, 12)
+    assert lookup.cost.verify_seconds is model.cost.verify_seconds
+    assert model.cost is gen.cost and lookup.cost is not gen.cost
+    busy, idle = (lookup, model) if matches else (model, lookup)
+    assert sum(busy.chosen_lengths.values()) == out.stats.steps and not idle.chosen_lengths
+    if matches:   # no draft-model step ran: the lookup steps' draft cost is the proposer's
+        assert lookup.cost.draft_step_seconds < gen.cost.draft_step_seconds
