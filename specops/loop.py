@@ -424,8 +424,17 @@ class _Run:
             self.gen.target(tokens.to(self.device), self.cache, zeros, positions,
                             logits_index=torch.zeros(self.batch, 1, dtype=torch.int64,
                                                      device=self.device), prefill=True)
-        if self.draft is not None:
-            self.draft.prefill(self.rows)
+        self.draft_prefilled = False
+        if self.draft is not None and self.gen.lookup is None:
+            self._prefill_draft()
+
+    def _prefill_draft(self) -> None:
+        """The draft model's prefill (every row but its root). A :class:`Hybrid` runs it at
+        its first draft-model step instead, since prompt lookup may serve every step (code
+        that repeats its prompt); it is timed as prefill either way."""
+        self.clock.switch("prefill")
+        self.draft.prefill(self.rows)
+        self.draft_prefilled = True
 
     def _remaining(self, b: int) -> int:
         return self.budget - (len(self.rows[b]) - self.prompt_lens[b])
@@ -561,6 +570,10 @@ class _Run:
         self.clock.switch("draft")
         started = time.perf_counter()
         kind, num_draft, looked = (None, 0, [[]] * self.batch) if plain else self._plan()
+        if kind == "model" and num_draft > 0 and not self.draft_prefilled:
+            self._prefill_draft()
+            self.clock.switch("draft")
+            started = time.perf_counter()
         tokens, probs, draft_lens, use_model = self._propose(kind, num_draft, looked)
         drafted = time.perf_counter()
         if not any(use_model):              # only lookup tokens (or none): verify what exists

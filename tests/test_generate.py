@@ -303,12 +303,18 @@ class _FixedProposer:
 
 
 @pytest.mark.parametrize("matches", [True, False])
-def test_hybrid_gives_each_kind_of_step_its_own_controller(pair, matches):
+def test_hybrid_gives_each_kind_of_step_its_own_controller(pair, matches, monkeypatch):
     """A hybrid step where every row has a lookup match is chosen by the lookup controller
     (its own longest draft, no draft-model cost), any other by the draft model's; the two
-    share the measured verify costs, and the output stays the target's greedy one."""
+    share the measured verify costs, the draft model is prefilled only once a step needs it,
+    and the output stays the target's greedy one."""
     target, draft = pair
     row = prompts(target.config.vocab_size, [6], seed=7)[0]
+    from specops.draft_model import DraftRunner
+    prefills = []
+    real_prefill = DraftRunner.prefill
+    monkeypatch.setattr(DraftRunner, "prefill",
+                        lambda runner, rows: prefills.append(rows) or real_prefill(runner, rows))
     gen = specops.SpeculativeGenerator(
         target, specops.Hybrid(draft, _FixedProposer(matches), min_match=1), eos_token_id=[])
     out = gen.generate(torch.tensor([row]), max_new_tokens=NEW)
@@ -320,5 +326,6 @@ def test_hybrid_gives_each_kind_of_step_its_own_controller(pair, matches):
     assert model.cost is gen.cost and lookup.cost is not gen.cost
     busy, idle = (lookup, model) if matches else (model, lookup)
     assert sum(busy.chosen_lengths.values()) == out.stats.steps and not idle.chosen_lengths
+    assert len(prefills) == (0 if matches else 1), len(prefills)
     if matches:   # no draft-model step ran: the lookup steps' draft cost is the proposer's
         assert lookup.cost.draft_step_seconds < gen.cost.draft_step_seconds
