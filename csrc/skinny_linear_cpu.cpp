@@ -300,30 +300,16 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   const bool wide = SPECOPS_HAS_AVX512();
   const int64_t grain =
       std::max<int64_t>(16, kMinTaskBytes / std::max<int64_t>(1, k * w.element_size()));
+  const float* bias_data = bias ? b.const_data_ptr<float>() : nullptr;
+  float* out = y.mutable_data_ptr<float>();
   if (bf16) {
-    Problem<Bf16Bits> p;
-    p.x = xp;
-    p.ldx = ldx;
-    p.w = reinterpret_cast<const Bf16Bits*>(w.const_data_ptr<at::BFloat16>());
-    p.ldw = w.stride(0);
-    p.bias = bias ? b.const_data_ptr<float>() : nullptr;
-    p.y = y.mutable_data_ptr<float>();
-    p.num_rows = num_rows;
-    p.n = n;
-    p.k = k;
+    const auto* w_bits = reinterpret_cast<const Bf16Bits*>(w.const_data_ptr<at::BFloat16>());
+    const Problem<Bf16Bits> p{xp, ldx, w_bits, w.stride(0), bias_data, out, num_rows, n, k};
     at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) { columns_bf16(p, n0, n1, wide); });
     return y.to(at::kBFloat16);  // round to nearest even, as torch casts
   }
-  Problem<float> p;
-  p.x = xp;
-  p.ldx = ldx;
-  p.w = w.const_data_ptr<float>();
-  p.ldw = w.stride(0);
-  p.bias = bias ? b.const_data_ptr<float>() : nullptr;
-  p.y = y.mutable_data_ptr<float>();
-  p.num_rows = num_rows;
-  p.n = n;
-  p.k = k;
+  const Problem<float> p{xp, ldx, w.const_data_ptr<float>(), w.stride(0), bias_data, out,
+                         num_rows, n, k};
   at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) { columns(p, n0, n1, wide); });
   return y;
 }

@@ -60,6 +60,20 @@ struct Problem {
   float scale = 1.0f;
 };
 
+// Walks row b's keys for the online softmax in blocks of at most kSlots slots: the cached
+// prefix first, block(first slot, count, -1), open to every node; then the tree's own nodes,
+// block(first slot, count, first node), where the tree mask applies.
+template <int64_t kSlots, class T, class Block>
+SPECOPS_INLINE void for_each_key_block(const Problem<T>& p, int64_t b, Block&& block) {
+  const int64_t prefix = p.prefix[b];
+  for (int64_t slot = 0; slot < prefix; slot += kSlots) {
+    block(slot, std::min(kSlots, prefix - slot), int64_t{-1});
+  }
+  for (int64_t j = 0; j < p.num_nodes; j += kSlots) {
+    block(prefix + j, std::min(kSlots, p.num_nodes - j), j);
+  }
+}
+
 // exp(x) for x <= 0 (a score minus a running max) in a form compilers vectorise: Cephes'
 // expf, relative error below 2e-7; x below -87 (and -inf, a masked slot) gives exactly 0.
 SPECOPS_INLINE float exp_nonpositive(float x) {
