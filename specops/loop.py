@@ -172,8 +172,9 @@ class SpeculativeGenerator:
             :class:`specops.controller.DraftLengthController` in ``0..max_draft_tokens``.
         max_draft_tokens: the longest draft the controller may choose; None = the
             drafter's own: ``PromptLookup.num_draft`` for lookup steps (32 by default: a
-            copied span costs no draft step, so only the verify pass limits it), 8 for the
-            draft model's steps (each token costs a draft step). A :class:`Hybrid` keeps one
+            copied span costs no draft step, so only the verify pass limits it; 8 for a
+            :class:`Proposer` without ``num_draft``), 8 for the draft model's steps (each
+            token costs a draft step). A :class:`Hybrid` keeps one
             controller for each kind of step (lookup steps, where every row has a match, and
             draft-model steps), each with its own acceptance estimates and draft cost.
         tree: None (chains), a :class:`DynamicTree` or a :class:`StaticTree` (both need a
