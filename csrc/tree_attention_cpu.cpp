@@ -225,9 +225,15 @@ SPECOPS_INLINE void attend_tile(const Problem<T>& p, Scratch& w, int64_t b, int6
   std::fill(w.m.begin(), w.m.begin() + rows, kNegInf);
   std::fill(w.l.begin(), w.l.begin() + rows, 0.0f);
 
-  for_each_key_block<kBlockSlots>(p, b, [&](int64_t slot, int64_t count, int64_t tree_j0) {
-    attend_block<T, kD>(p, w, b, kv_head, node_begin, rows, slot, count, tree_j0);
-  });
+  const int64_t prefix = p.prefix[b];
+  for (int64_t slot = 0; slot < prefix; slot += kBlockSlots) {
+    attend_block<T, kD>(p, w, b, kv_head, node_begin, rows, slot,
+                        std::min(kBlockSlots, prefix - slot), -1);
+  }
+  for (int64_t j = 0; j < p.num_nodes; j += kBlockSlots) {
+    attend_block<T, kD>(p, w, b, kv_head, node_begin, rows, prefix + j,
+                        std::min(kBlockSlots, p.num_nodes - j), j);
+  }
 
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t node = node_begin + r / group, head = kv_head * group + r % group;

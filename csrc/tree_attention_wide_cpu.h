@@ -178,9 +178,15 @@ SPECOPS_INLINE void wide_tile(const Problem<T>& p, WideScratch& w, int64_t b, in
   std::fill(w.m.get(), w.m.get() + lanes, kNegInf);
   std::fill(w.l.get(), w.l.get() + lanes, 0.0f);
 
-  for_each_key_block<kWideSlots>(p, b, [&](int64_t slot, int64_t count, int64_t tree_j0) {
-    wide_block<T, kD>(p, w, b, kv_head, node_begin, rows, slot, count, tree_j0);
-  });
+  const int64_t prefix = p.prefix[b];
+  for (int64_t slot = 0; slot < prefix; slot += kWideSlots) {
+    wide_block<T, kD>(p, w, b, kv_head, node_begin, rows, slot,
+                      std::min(kWideSlots, prefix - slot), -1);
+  }
+  for (int64_t j = 0; j < p.num_nodes; j += kWideSlots) {
+    wide_block<T, kD>(p, w, b, kv_head, node_begin, rows, prefix + j,
+                      std::min(kWideSlots, p.num_nodes - j), j);
+  }
 
   const float* ot = w.ot.get();
   const float* l = w.l.get();
