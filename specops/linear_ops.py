@@ -28,7 +28,7 @@ MAX_ROWS = {torch.float32: 64, torch.bfloat16: 6}
 # (8960x1536 / 1536x8960 / 1536x1536), ms: 172 rows oneDNN 22.9 / 22.5 / 3.9, sgemm 33.1 /
 # 27.2 / 4.5, this kernel in a 172-row block 26.1 / 22.8 / 4.4; 359 rows 47.4 / 46.2 / 8.0
 # against sgemm 59.5 / 51.5 / 9.1; 1484 rows (a batch of 4 long prompts) 213 / 199 against
-# sgemm 233 / 210. MKL is known to take a slower code path on AMD CPUs; on an Intel CPU the
+# sgemm 233 / 210. MKL appears to take a slower code path on this AMD CPU; on an Intel CPU the
 # two libraries should be closer. Without oneDNN in the torch build, F.linear.
 _ONEDNN_LINEAR = (torch.backends.mkldnn.is_available()
                   and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
