@@ -8,13 +8,15 @@ same things with the same messages (csrc/checks.h).
 """
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
 LEVELS = ("off", "cheap", "full")
 _level = "cheap"
+_capturing = False   # a device graph is being captured: no value checks
 
 FLOAT_LOGITS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -35,8 +37,24 @@ def level_from_env() -> str:
 
 
 def values_checked(device: torch.device) -> bool:
-    """Whether values are checked on ``device`` at the current level."""
+    """Whether values are checked on ``device`` at the current level (never during a
+    device-graph capture)."""
+    if _capturing:
+        return False
     return _level == "full" or (_level == "cheap" and device.type == "cpu")
+
+
+@contextmanager
+def graph_capture() -> Iterator[None]:
+    """Value checks off while a device graph captures (:mod:`specops.graphs`): a check reads
+    values on the host, which a capture cannot do (CUDA raises on the sync) and a replay would
+    not repeat. The eager warm-up calls before a capture are checked as usual."""
+    global _capturing
+    saved, _capturing = _capturing, True
+    try:
+        yield
+    finally:
+        _capturing = saved
 
 
 # ---- dtype, shape, device: every level, no sync ----

@@ -6,7 +6,9 @@ The captured function must be sync-free with static shapes, as specops' forward
 (:mod:`specops.models`) and ops are; tensors it closes over (the model's weights, the KV
 cache) must stay alive and in place, which the loop guarantees for the length of one
 ``generate`` call. The output tensors are the graph's own: they are overwritten by the next
-replay of the same graph, so the caller consumes them first.
+replay of the same graph, so the caller consumes them first. The specops value checks
+(:func:`specops.set_checks`) are off while a graph captures, since they read values on the
+host; the eager warm-up calls before it are checked.
 
 Backends (:func:`graph_backend` picks one from the device; other devices, the CPU among
 them, get no graphs):
@@ -14,7 +16,9 @@ them, get no graphs):
 - ``"cuda"``: ``torch.cuda.CUDAGraph``. Tested only where a CUDA GPU is present
   (``tests/test_graphs.py`` skips elsewhere); no GPU was available while it was developed,
   so the loop leaves graphs off by default (``SpeculativeGenerator(..., cuda_graphs=True)``
-  turns them on).
+  turns them on). The loop's side of it (a capture per shape, static inputs, replays, the
+  switching between draft lengths) runs on every machine against a stand-in backend that
+  traces each step once and replays the trace (``tests/test_graphs_traced.py``).
 - ``"hpu"``: Intel Gaudi's ``HPUGraph`` from ``habana_frameworks.torch``, imported only when
   an HPU step is built. A thin adapter that has **never run on Gaudi hardware**: it follows
   the vendor's documented capture/replay pattern and is exercised only against a stand-in
@@ -26,6 +30,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from . import _checks
 
 
 def graph_backend(device: torch.device | str) -> str | None:
@@ -50,7 +56,7 @@ class _CudaGraphs:
                 fn(*static_inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph), _checks.graph_capture():
             static_output = fn(*static_inputs)
         return graph, static_output
 
@@ -82,7 +88,7 @@ class _HpuGraphs:
         for _ in range(warmup):
             fn(*static_inputs)
         graph = hpu.HPUGraph()
-        with hpu.stream(hpu.Stream()):
+        with hpu.stream(hpu.Stream()), _checks.graph_capture():
             graph.capture_begin()
             static_output = fn(*static_inputs)
             graph.capture_end()

@@ -55,7 +55,8 @@ def set_checks(level: str) -> None:
     also checks probability rows (NaN, inf, negative, zero sum) and is the only level that
     checks values on a GPU (it syncs). Dtype, shape and device are checked at every level.
     With ``"off"``, bad values give the in-bounds outcomes documented on each op. Also
-    settable with the environment variable ``SPECOPS_CHECKS``.
+    settable with the environment variable ``SPECOPS_CHECKS``. A device-graph capture
+    (:mod:`specops.graphs`) runs without value checks at every level.
     """
     _checks.set_level(level)
     from . import _C

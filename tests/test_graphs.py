@@ -22,3 +22,20 @@ def test_graph_replay_equals_eager(options):
     runs = [specops.generate(target, ids, draft=draft, max_new_tokens=24, eos_token_id=[],
                              cuda_graphs=graphs, **options) for graphs in (False, True)]
     assert torch.equal(runs[0].sequences, runs[1].sequences)
+
+
+def test_graphs_capture_with_full_checks():
+    """At check level "full" the eager calls read values on the host (a sync); the capture
+    must run without them, or CUDA refuses the sync inside it."""
+    target = tiny_model("qwen2", seed=3).cuda()
+    draft = noisy_copy(target, noise=0.1)
+    ids = torch.randint(2, 64, (2, 5), generator=torch.Generator().manual_seed(1)).cuda()
+    before = specops.get_checks()
+    specops.set_checks("full")
+    try:
+        runs = [specops.generate(target, ids, draft=draft, num_draft_tokens=3,
+                                 max_new_tokens=16, eos_token_id=[], cuda_graphs=graphs)
+                for graphs in (False, True)]
+    finally:
+        specops.set_checks(before)
+    assert torch.equal(runs[0].sequences, runs[1].sequences)

@@ -1,0 +1,182 @@
+"""The loop's device-graph path on the CPU, through a stand-in backend that behaves like a
+CUDA graph where it matters to the loop.
+
+Real CUDA graphs are tested only on a GPU (``test_graphs.py``). This stand-in lets every
+machine run the loop's graph path (``GraphedStep``: a capture per shape, static inputs,
+replays, the switching between draft lengths and tree sizes) end to end. At capture it traces
+the step once with ``make_fx`` and from then on replays the trace, so, as in a CUDA graph:
+
+- Python values are fixed at capture: a step that reads a Python value which later changes,
+  or a tensor's value on the host (``.item()``, ``bool(t)``: a sync a capture forbids), fails
+  here (the value is frozen, or the trace raises);
+- a replay reads only the static inputs and the tensors the step closes over (weights, KV
+  cache) in place, and its output overwrites the previous replay's.
+
+What it cannot show: CUDA streams, the caching allocator's private pool, Triton kernels under
+capture. The CUDA test covers those where a GPU is present.
+"""
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import specops
+import specops.graphs
+from specops import _checks
+from specops.graphs import GraphedStep
+from loop_models import PAD, assert_same_or_tie, hf_greedy, noisy_copy, tiny_model
+
+NEW = 20
+
+
+class TracedReplay:
+    """A captured step: the trace, its static inputs, and the output each replay overwrites."""
+
+    def __init__(self, backend, trace, static_inputs, static_output):
+        self.backend, self.trace = backend, trace
+        self.static_inputs, self.static_output = static_inputs, static_output
+
+    def replay(self):
+        self.backend.replays += 1
+        self.static_output.copy_(self.trace(*self.static_inputs))
+
+
+class TracedGraphs:
+    """Graph backend for the CPU in these tests (``specops.graphs._BACKENDS["cpu"]``)."""
+
+    def __init__(self):
+        self.captures = self.replays = 0
+        TracedGraphs.last = self
+
+    def capture(self, fn, static_inputs, warmup):
+        for _ in range(warmup):
+            fn(*static_inputs)
+        with _checks.graph_capture():
+            # the lambda: make_fx traces every parameter, and a step may have defaults
+            trace = make_fx(lambda *tensors: fn(*tensors))(*static_inputs)
+        self.captures += 1
+        static_output = trace(*static_inputs)
+        return TracedReplay(self, trace, static_inputs, static_output), static_output
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    monkeypatch.setitem(specops.graphs._BACKENDS, "cpu", TracedGraphs)
+    backends = []
+    original = TracedGraphs.__init__
+
+    def tracked(self):
+        original(self)
+        backends.append(self)
+
+    monkeypatch.setattr(TracedGraphs, "__init__", tracked)
+    return backends
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def pair(request):
+    target = tiny_model(request.param, seed=3)
+    return target, noisy_copy(target, noise=0.1)
+
+
+def ragged_prompts(vocab: int) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    """Three prompts of lengths 5, 1, 9, left padded."""
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(2, vocab, (n,), generator=generator).tolist() for n in (5, 1, 9)]
+    ids = torch.full((3, 9), PAD)
+    mask = torch.zeros(3, 9, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        ids[b, 9 - len(r):] = torch.tensor(r)
+        mask[b, 9 - len(r):] = 1
+    return rows, ids, mask
+
+
+def methods(draft):
+    return {
+        "plain": dict(draft=None),
+        "chain-3": dict(draft=draft, num_draft_tokens=3),
+        "chain-auto": dict(draft=draft),
+        "tree": dict(draft=draft, tree=specops.DynamicTree(depth=3, top_k=2, num_nodes=6,
+                                                           adaptive=False)),
+        "adaptive-tree": dict(draft=draft, tree=specops.DynamicTree(depth=3, top_k=2,
+                                                                    num_nodes=6)),
+        "static-tree": dict(draft=draft, tree=specops.StaticTree((2, 2, 1))),
+        "lookup-auto": dict(draft=specops.PromptLookup(max_ngram=2)),
+        "hybrid-auto": dict(draft=specops.Hybrid(draft, specops.PromptLookup(max_ngram=2))),
+    }
+
+
+@pytest.mark.parametrize("method", ["plain", "chain-3", "chain-auto", "tree", "adaptive-tree",
+                                    "static-tree", "lookup-auto", "hybrid-auto"])
+def test_greedy_through_graphs_equals_target_generate(pair, cpu_graphs, method):
+    target, draft = pair
+    rows, ids, mask = ragged_prompts(target.config.vocab_size)
+    out = specops.generate(target, ids, attention_mask=mask, max_new_tokens=NEW,
+                           eos_token_id=[], cuda_graphs=True, **methods(draft)[method])
+    for b, row in enumerate(rows):
+        assert_same_or_tie(target, row, out.sequences[b, 9:].tolist(),
+                           hf_greedy(target, row, NEW), f"{method} row {b}")
+    # the graph path really ran: every step shape captured once, then replayed
+    captures = sum(g.captures for g in cpu_graphs)
+    replays = sum(g.replays for g in cpu_graphs)
+    assert captures > 0 and replays > captures, (captures, replays)
+
+
+@pytest.mark.parametrize("options", [
+    dict(num_draft_tokens=3),
+    dict(num_draft_tokens=2, temperature=0.8, top_p=0.9, seed=5),
+    dict(num_draft_tokens=4, temperature=1.0, top_k=10, seed=2),
+    dict(tree=specops.DynamicTree(depth=3, top_k=2, num_nodes=6, adaptive=False),
+         temperature=0.7, seed=3),
+    dict(tree=specops.StaticTree((2, 2)), temperature=1.0, seed=7),
+    dict(tree=specops.StaticTree((3, 1), sampled=False), temperature=0.9, seed=4),
+])
+def test_sampling_through_graphs_equals_eager(pair, cpu_graphs, options):
+    """Fixed draft lengths, so both runs take the same steps: same tokens, bit for bit."""
+    target, draft = pair
+    _, ids, mask = ragged_prompts(target.config.vocab_size)
+    runs = [specops.generate(target, ids, attention_mask=mask, draft=draft, max_new_tokens=NEW,
+                             eos_token_id=[], cuda_graphs=graphs, **options)
+            for graphs in (False, True)]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    assert sum(g.replays for g in cpu_graphs) > 0
+
+
+def test_stand_in_freezes_python_values(cpu_graphs):
+    """The stand-in can fail a step that a device graph would break: a Python value read at
+    capture stays what it was, and a host read of a tensor value cannot be traced."""
+    offset = [1.0]
+
+    def step(x):
+        return x + offset[0]
+
+    graphed = GraphedStep(step, warmup=1, device="cpu")
+    x = torch.zeros(2)
+    assert graphed(x).tolist() == [1.0, 1.0]
+    offset[0] = 5.0
+    assert graphed(x).tolist() == [1.0, 1.0]          # eager would give 5
+    synced = GraphedStep(lambda t: t * float(t.sum()), warmup=0, device="cpu")
+    with pytest.raises(RuntimeError, match="data-dependent|tracing tensor"):
+        synced(torch.ones(2))
+
+
+def test_value_checks_are_off_only_during_capture(cpu_graphs):
+    """Value checks read tensors on the host, which a capture cannot: they are suspended
+    while a graph captures, and back on for the eager calls around it."""
+    seen = []
+
+    def step(x):
+        seen.append(_checks.values_checked(x.device))
+        return x * 2
+
+    GraphedStep(step, warmup=2, device="cpu")(torch.ones(1))
+    assert seen == [True, True, False]               # two warm-up calls, then the capture
+    assert _checks.values_checked(torch.device("cpu"))
+
+
+def test_replay_output_is_overwritten(cpu_graphs):
+    """As with a CUDA graph, the step's output is one tensor, overwritten by every replay."""
+    graphed = GraphedStep(lambda x: x * 2, warmup=0, device="cpu")
+    first = graphed(torch.tensor([1.0]))
+    second = graphed(torch.tensor([3.0]))
+    assert second is first and first.tolist() == [6.0]
