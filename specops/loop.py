@@ -594,7 +594,8 @@ class _Run:
                                                  seeds=self.seeds,
                                                  positions=target_lens.long())
         out_list, accepted = out.tolist(), num_accepted.tolist()
-        self._learn_cost(kind, num_draft, drafted - started, time.perf_counter() - drafted)
+        self._learn_cost(self._step_cost(kind), num_draft, drafted - started,
+                         time.perf_counter() - drafted)
         if any(use_model):
             # the draft cache holds the root and its own first num_draft - 1 drafts: the
             # accepted ones stay; rows that verified lookup tokens keep only the root
@@ -603,22 +604,29 @@ class _Run:
         self._record(num_draft, draft_lens, accepted, kind)
         return [o[:a + 1] for o, a in zip(out_list, accepted)]
 
-    def _learn_cost(self, kind: str | None, num_draft: int, draft_seconds: float,
+    def _learn_cost(self, cost: CostModel | None, num_draft: int, draft_seconds: float | None,
                     verify_seconds: float) -> None:
-        """Refines the cost model of the controller of this step's ``kind`` from the step's
-        timing (an exponential moving average per verified length; the verify costs are
-        shared by both kinds). Only on the CPU, where reading the clock needs no device
-        synchronisation; on a GPU the warm-up measurement stands."""
-        control = self.controllers.get(kind)
-        if control is None or self.device.type != "cpu":
+        """Refines ``cost`` (a controller's cost model; None: no controller) from one step's
+        timing: an exponential moving average per verified length (``num_draft + 1`` tokens
+        per row), and of the draft's per-token cost unless ``draft_seconds`` is None (tree
+        steps learn their growth cost apart). Only on the CPU, where reading the clock needs
+        no device synchronisation; on a GPU the warm-up measurement stands."""
+        if cost is None or self.device.type != "cpu":
             return
-        cost = control.cost
         n = num_draft + 1
         old = cost.verify_seconds.get(n)
         cost.verify_seconds[n] = verify_seconds if old is None else 0.8 * old + 0.2 * verify_seconds
-        if num_draft > 0:
+        if num_draft > 0 and draft_seconds is not None:
             cost.draft_step_seconds = (0.8 * cost.draft_step_seconds
                                        + 0.2 * draft_seconds / num_draft)
+
+    def _step_cost(self, kind: str | None) -> CostModel | None:
+        """The cost model a chain step of ``kind`` refines: its kind's controller's; for a
+        plain step of an adaptive tree (kind None), the tree controller's, whose plain-decoding
+        rate rests on ``verify(1)``."""
+        if kind in self.controllers:
+            return self.controllers[kind].cost
+        return self.tree_controller.cost if self.tree_controller is not None else None
 
     def _learn_growth(self, seconds: float) -> None:
         """Refines the tree controller's growth cost (moving average), on the CPU only, as
@@ -692,7 +700,7 @@ class _Run:
         out_list, accepted = out.tolist(), num_accepted.tolist()
         if control is not None:
             control.update(predicted, float(sum(accepted[b] for b in active)))
-            self._learn_cost(tree_tokens.shape[1] - 1, False, 0.0,
+            self._learn_cost(control.cost, tree_tokens.shape[1] - 1, None,
                              time.perf_counter() - verify_started)
         levels = tree.depth
         if control is not None and tree_tokens.shape[1] < tree.num_nodes:

@@ -246,6 +246,34 @@ def test_adaptive_tree_prunes_or_skips_trees_by_cost(pair, monkeypatch, verify, 
         assert out.stats.mean_emitted_per_step > 1.2, out.stats.summary()
 
 
+@pytest.mark.parametrize("method", ["chain", "tree-plain", "tree"])
+def test_step_timings_refine_the_controllers_cost_model(pair, monkeypatch, method):
+    """On the CPU every step's timing refines the cost model of the controller that chose it:
+    a chain step its controller's verify cost for that length, a grown tree its tree size's,
+    a plain step of an adaptive tree ``verify(1)`` (plain decoding's rate). Warm-up costs of
+    5 s, far above any real step here, must move."""
+    from specops import loop
+    monkeypatch.setattr(loop._Run, "_measure_verify",
+                        lambda self, largest: {n: 5.0 for n in (1, 2, largest)})
+    target, draft = pair
+    row = torch.tensor([prompts(target.config.vocab_size, [6], seed=7)[0]])
+    if method == "chain":
+        gen = specops.SpeculativeGenerator(target, draft, max_draft_tokens=3, eos_token_id=[])
+    else:
+        gen = specops.SpeculativeGenerator(
+            target, draft, tree=specops.DynamicTree(depth=2, top_k=2, num_nodes=4),
+            eos_token_id=[])
+        monkeypatch.setattr(TreeSizeController, "use_tree", lambda self: method == "tree")
+    gen.generate(row, max_new_tokens=6)
+    learnt = {n: s for n, s in gen.cost.verify_seconds.items() if s < 5.0}
+    if method == "tree-plain":
+        assert set(learnt) == {1}, gen.cost.verify_seconds
+    elif method == "tree":
+        assert learnt and min(learnt) > 1, gen.cost.verify_seconds
+    else:
+        assert learnt, gen.cost.verify_seconds
+
+
 def test_reset_estimates_keeps_the_cost_model(pair):
     target, draft = pair
     row = torch.tensor([prompts(target.config.vocab_size, [6], seed=5)[0]])
