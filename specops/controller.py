@@ -4,14 +4,15 @@ With draft length ``g``, one step emits per row, in expectation,
 ``1 + sum_{j=1..g} prod_{i<=j} a_i`` tokens (Leviathan et al., 2023,
 https://arxiv.org/abs/2211.17192, with per-position rates), where ``a_i`` is the conditional
 acceptance of draft position ``i``: the probability it is accepted given positions ``< i``
-were. The step costs ``g * draft_step_seconds + verify_seconds(g + 1) + overhead_seconds``;
-``g = 0`` is plain decoding, one token for ``verify_seconds(1)``. The controller estimates
+were. The step costs ``draft_fixed_seconds + g * draft_step_seconds + verify_seconds(g + 1)
++ overhead_seconds`` (:class:`CostModel`); ``g = 0`` is plain decoding, one token for
+``verify_seconds(1) + overhead_seconds``. The controller estimates
 ``a`` online and picks ``g`` with the best ratio.
 """
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -20,19 +21,32 @@ import numpy as np
 class CostModel:
     """Seconds per decoding step as a function of the draft length.
 
+    A step drafting ``g > 0`` tokens costs ``draft_fixed_seconds + g * draft_step_seconds``
+    of drafting (the fixed part: the draft model catching up on the tokens the last step
+    emitted, one forward over two tokens per row after a full acceptance; on the CPU that can
+    cost nearly a second forward) plus ``verify_seconds(g + 1)`` plus ``overhead_seconds``;
+    ``g = 0`` (plain decoding) costs ``verify_seconds(1) + overhead_seconds``.
+
     Args:
         verify_seconds: Measured target cost of one step that scores ``n`` tokens per row,
             keyed by ``n >= 1``, values ``> 0``. Between measured ``n`` it is interpolated
             linearly; above the largest it extends the line through the last two, with the slope
             clamped at ``>= 0`` so that noise never makes more tokens cheaper; below the smallest
             (and everywhere, with one measurement) it is flat.
-        draft_step_seconds: One draft-model step, ``>= 0`` (0 for prompt lookup).
+        draft_step_seconds: One more draft token, ``>= 0`` (0 for prompt lookup).
         overhead_seconds: A fixed per-step cost (sampling, bookkeeping), ``>= 0``.
+        draft_fixed_seconds: The fixed part of a drafting step, ``>= 0``.
+
+    :meth:`learn_verify` and :meth:`learn_draft` refine the model from timed steps.
     """
 
     verify_seconds: dict[int, float]
     draft_step_seconds: float
     overhead_seconds: float = 0.0
+    draft_fixed_seconds: float = 0.0
+    # learn_draft's discounted sums over (g, seconds): weight, g, g^2, seconds, g * seconds
+    _draft_sums: np.ndarray = field(default_factory=lambda: np.zeros(5), init=False,
+                                    repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.verify_seconds:
@@ -40,12 +54,10 @@ class CostModel:
         if any(n < 1 or s <= 0 for n, s in self.verify_seconds.items()):
             raise ValueError("CostModel: verify_seconds needs keys n >= 1 and values > 0, "
                              f"got {self.verify_seconds}")
-        if self.draft_step_seconds < 0:
-            raise ValueError("CostModel: draft_step_seconds must be >= 0, "
-                             f"got {self.draft_step_seconds}")
-        if self.overhead_seconds < 0:
-            raise ValueError("CostModel: overhead_seconds must be >= 0, "
-                             f"got {self.overhead_seconds}")
+        for name in ("draft_step_seconds", "overhead_seconds", "draft_fixed_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"CostModel: {name} must be >= 0, got {getattr(self, name)}")
+        self._prior_step = self.draft_step_seconds
 
     def verify(self, num_tokens: int) -> float:
         """Interpolated target cost of a step that scores ``num_tokens`` tokens per row."""
@@ -56,12 +68,51 @@ class CostModel:
         slope = max(0.0, (secs[-1] - secs[-2]) / (ns[-1] - ns[-2]))
         return secs[-1] + slope * (num_tokens - ns[-1])
 
+    def draft_seconds(self, num_draft: int) -> float:
+        """Seconds of drafting ``num_draft >= 0`` tokens per row (0 for none)."""
+        if num_draft == 0:
+            return 0.0
+        return self.draft_fixed_seconds + num_draft * self.draft_step_seconds
+
     def step_seconds(self, num_draft: int) -> float:
         """Seconds of one step that drafts ``num_draft >= 0`` tokens per row and verifies them."""
         if num_draft < 0:
             raise ValueError(f"CostModel.step_seconds: num_draft must be >= 0, got {num_draft}")
-        return (num_draft * self.draft_step_seconds + self.verify(num_draft + 1)
-                + self.overhead_seconds)
+        return self.draft_seconds(num_draft) + self.verify(num_draft + 1) + self.overhead_seconds
+
+    def learn_verify(self, num_tokens: int, seconds: float) -> None:
+        """One timed verify pass over ``num_tokens`` tokens per row: a moving average (weight
+        0.2) of that length's cost; the first time for a length, the value itself."""
+        old = self.verify_seconds.get(num_tokens)
+        self.verify_seconds[num_tokens] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def learn_draft(self, num_draft: int, seconds: float, decay: float = 0.95,
+                    prior_weight: float = 4.0) -> None:
+        """One timed drafting step of ``num_draft >= 1`` tokens per row: refits
+        ``draft_fixed_seconds`` and ``draft_step_seconds`` to the steps seen so far.
+
+        Least squares of ``seconds ~ fixed + num_draft * step``, each older step discounted
+        by ``decay``, with the per-token cost pulled toward its value at construction (the
+        warm-up measurement) by ``prior_weight`` pseudo-steps: while every step drafts the
+        same length the data say nothing about the per-token cost, and the fit keeps the
+        measured one and puts the rest into the fixed part, instead of charging each token
+        the fixed part again (which made one-token drafts look cheaper than they are). Both
+        parts stay ``>= 0``.
+        """
+        if num_draft < 1:
+            raise ValueError(f"CostModel.learn_draft: num_draft must be >= 1, got {num_draft}")
+        sums = self._draft_sums
+        sums *= decay
+        sums += (1.0, num_draft, num_draft ** 2, seconds, num_draft * seconds)
+        weight, g, gg, t, gt = sums
+        prior = self._prior_step
+        # normal equations of sum w (t - fixed - step g)^2 + prior_weight (step - prior)^2
+        det = weight * (gg + prior_weight) - g * g
+        step = (weight * (gt + prior_weight * prior) - g * t) / det
+        fixed = (t - step * g) / weight
+        if fixed < 0:       # refit through the origin
+            fixed, step = 0.0, (gt + prior_weight * prior) / (gg + prior_weight)
+        self.draft_fixed_seconds, self.draft_step_seconds = fixed, max(0.0, step)
 
 
 def expected_tokens(acceptance: Sequence[float] | np.ndarray, num_draft: int) -> float:

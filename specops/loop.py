@@ -191,6 +191,18 @@ class SpeculativeGenerator:
             CUDA, and HPU graphs through ``habana_frameworks.torch`` on Intel Gaudi
             (untested on hardware); ignored on CPU. Off by default until it has been
             verified on a GPU.
+
+    Attributes:
+        costs: ``{batch size: {kind: CostModel}}``, the cost models of the cost-aware choices,
+            measured at the first call with each batch size and refined by every step on the
+            CPU; kinds ``"model"`` (draft-model steps), ``"lookup"`` (prompt-lookup steps,
+            sharing the model steps' verify costs) and ``"tree"`` (adaptive trees; its
+            ``draft_fixed_seconds`` is the growth of one tree).
+        cost: The last call's main cost model (the tree's, the draft model's, else prompt
+            lookup's); None before a cost-aware call.
+        controllers: ``{kind: DraftLengthController}``; their acceptance estimates carry over
+            between calls and batch sizes, their cost model follows the batch size.
+        tree_controller: The :class:`~specops.controller.TreeSizeController` of adaptive trees.
     """
 
     def __init__(self, target: torch.nn.Module, draft=None, *, num_draft_tokens: int | None = None,
@@ -253,6 +265,9 @@ class SpeculativeGenerator:
         self.pad_token_id = pad_token_id if pad_token_id is not None else min(self.eos, default=0)
         self.controllers: dict[str, DraftLengthController] = {}
         self.tree_controller: TreeSizeController | None = None
+        # batch size -> kind of step ("model", "lookup", "tree") -> its cost model: a verify
+        # pass over B rows costs more than over one, so each batch size is measured apart
+        self.costs: dict[int, dict[str, CostModel]] = {}
         self.cost: CostModel | None = None
         self.cuda_graphs = bool(cuda_graphs)
 
@@ -465,44 +480,59 @@ class _Run:
         return kind, max(0, min(length, room)), looked
 
     def _setup_controller(self) -> None:
-        """Cost model from a short warm-up (the target's forward for a few token counts up
-        to ``max_draft + 1``, one draft step), refined online from every step's timing; the
-        controllers themselves persist on the generator, acceptance estimates included.
-        Lookup steps share the target's verify costs and draft at no model cost."""
+        """Cost models from a short warm-up at the generator's first call with this batch size
+        (the target's forward for a few token counts up to ``max_draft + 1``, one draft
+        step), refined online from every step's timing; the controllers themselves persist
+        on the generator, acceptance estimates included, and take this batch size's cost
+        models. Lookup steps share the target's verify costs and draft at no model cost."""
         gen = self.gen
-        if gen.cost is None:
+        costs = gen.costs.get(self.batch)
+        if costs is None:
             verify = self._measure_verify(gen.max_draft_tokens + 1)
-            draft_cost = 0.0
+            costs = {}
             if self.draft is not None:
                 dlens = self._lens(self.draft.cached)
                 token = torch.zeros(self.batch, 1, dtype=torch.int64, device=self.device)
+                # the per-token cost the online fit starts from (CostModel.learn_draft): a
+                # cheap forward, so the least of three calls on the CPU too
                 draft_cost = self._time_warm(lambda: gen.draft(
-                    token, self.draft.cache, dlens, dlens.long()[:, None]))
-            gen.cost = CostModel(verify_seconds=verify, draft_step_seconds=draft_cost)
-            costs = {"model": gen.cost,
-                     "lookup": (CostModel(verify_seconds=verify, draft_step_seconds=0.0)
-                                if self.draft is not None else gen.cost)}
+                    token, self.draft.cache, dlens, dlens.long()[:, None]), cpu_calls=3)
+                costs["model"] = CostModel(verify_seconds=verify, draft_step_seconds=draft_cost)
+            if gen.lookup is not None:
+                costs["lookup"] = CostModel(verify_seconds=verify, draft_step_seconds=0.0)
+            gen.costs[self.batch] = costs
+        if not gen.controllers:
             gen.controllers = {kind: DraftLengthController(costs[kind], most)
                                for kind, most in gen.max_draft.items()}
+        for kind, control in gen.controllers.items():
+            control.set_cost(costs[kind])
+        gen.cost = costs.get("model", costs.get("lookup"))
         self.controllers = gen.controllers
 
     tree_controller: TreeSizeController | None = None
 
     def _setup_tree_controller(self) -> None:
         """As :meth:`_setup_controller`, for adaptive trees: the target's forward for 1, 2 and
-        ``num_nodes`` tokens and one tree growth, measured once per generator. The growth
+        ``num_nodes`` tokens and one tree growth, measured once per batch size. The growth
         caches each root in the draft; it is rewound to where prefill left it, so that the
         first step feeds the root again (a step must feed at least one token)."""
         gen, tree = self.gen, self.gen.tree
-        if gen.tree_controller is None:
+        costs = gen.costs.get(self.batch)
+        if costs is None:
             verify = self._measure_verify(tree.num_nodes)
 
             def grow():
                 self.draft.grow_tree(self.rows, tree.depth, tree.top_k, tree.num_nodes)
                 self.draft.rewind([len(r) - 1 for r in self.rows])
             growth = self._time_warm(grow)
-            gen.cost = CostModel(verify_seconds=verify, draft_step_seconds=growth / tree.depth)
-            gen.tree_controller = TreeSizeController(gen.cost, growth, tree.num_nodes)
+            costs = gen.costs[self.batch] = {"tree": CostModel(
+                verify_seconds=verify, draft_step_seconds=0.0, draft_fixed_seconds=growth)}
+        cost = gen.cost = costs["tree"]
+        if gen.tree_controller is None:
+            gen.tree_controller = TreeSizeController(cost, cost.draft_fixed_seconds,
+                                                     tree.num_nodes)
+        gen.tree_controller.cost = cost
+        gen.tree_controller.growth_seconds = cost.draft_fixed_seconds
         self.tree_controller = gen.tree_controller
 
     def _measure_verify(self, largest: int) -> dict[int, float]:
@@ -517,11 +547,12 @@ class _Run:
         return {n: self._time_warm(lambda: self._target_forward_dummy(lens, n))
                 for n in sorted(sizes)}
 
-    def _time_warm(self, fn) -> float:
+    def _time_warm(self, fn, cpu_calls: int = 1) -> float:
         """Seconds of ``fn()``: on a GPU the faster of two calls (the first compiles
-        kernels); on a CPU one call (a forward costs up to a second there, and every step
-        refines the estimate afterwards)."""
-        return min(self._time(fn) for _ in range(1 if self.device.type == "cpu" else 2))
+        kernels); on a CPU the fastest of ``cpu_calls`` (by default one: a target forward
+        costs up to a second there, and every step refines the estimate afterwards)."""
+        calls = cpu_calls if self.device.type == "cpu" else 2
+        return min(self._time(fn) for _ in range(calls))
 
     def _target_forward_dummy(self, lens: Tensor, n: int) -> None:
         # Writes junk past each row's length (never attended, overwritten by the next step).
@@ -607,18 +638,16 @@ class _Run:
     def _learn_cost(self, cost: CostModel | None, num_draft: int, draft_seconds: float | None,
                     verify_seconds: float) -> None:
         """Refines ``cost`` (a controller's cost model; None: no controller) from one step's
-        timing: an exponential moving average per verified length (``num_draft + 1`` tokens
-        per row), and of the draft's per-token cost unless ``draft_seconds`` is None (tree
-        steps learn their growth cost apart). Only on the CPU, where reading the clock needs
-        no device synchronisation; on a GPU the warm-up measurement stands."""
+        timing: its verify cost at ``num_draft + 1`` tokens per row and, unless
+        ``draft_seconds`` is None (tree steps learn their growth apart), its drafting cost
+        (:meth:`CostModel.learn_verify`, :meth:`CostModel.learn_draft`). Only on the CPU,
+        where reading the clock needs no device synchronisation; on a GPU the warm-up
+        measurement stands."""
         if cost is None or self.device.type != "cpu":
             return
-        n = num_draft + 1
-        old = cost.verify_seconds.get(n)
-        cost.verify_seconds[n] = verify_seconds if old is None else 0.8 * old + 0.2 * verify_seconds
+        cost.learn_verify(num_draft + 1, verify_seconds)
         if num_draft > 0 and draft_seconds is not None:
-            cost.draft_step_seconds = (0.8 * cost.draft_step_seconds
-                                       + 0.2 * draft_seconds / num_draft)
+            cost.learn_draft(num_draft, draft_seconds)
 
     def _step_cost(self, kind: str | None) -> CostModel | None:
         """The cost model a chain step of ``kind`` refines: its kind's controller's; for a
@@ -634,6 +663,7 @@ class _Run:
         if self.device.type == "cpu":
             control = self.tree_controller
             control.growth_seconds = 0.8 * control.growth_seconds + 0.2 * seconds
+            control.cost.draft_fixed_seconds = control.growth_seconds   # kept per batch size
 
     def _record(self, num_draft: int, draft_lens: list[int], accepted: list[int],
                 kind: str | None = None) -> None:

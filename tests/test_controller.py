@@ -223,6 +223,7 @@ def test_bad_update_arguments():
     (dict(verify_seconds={1: 0.0}), "verify_seconds"),
     (dict(draft_step_seconds=-1.0), "draft_step_seconds"),
     (dict(overhead_seconds=-1.0), "overhead_seconds"),
+    (dict(draft_fixed_seconds=-1.0), "draft_fixed_seconds"),
 ])
 def test_bad_cost_arguments(kwargs, name):
     kwargs = dict(dict(verify_seconds={1: 1.0}, draft_step_seconds=0.0), **kwargs)
@@ -230,6 +231,60 @@ def test_bad_cost_arguments(kwargs, name):
         CostModel(**kwargs)
     with pytest.raises(ValueError, match="num_draft"):
         CostModel({1: 1.0}, 0.0).step_seconds(-1)
+
+
+def test_fixed_drafting_cost_is_paid_once_per_drafting_step():
+    cost = CostModel({1: 1.0, 3: 2.0}, draft_step_seconds=0.25, draft_fixed_seconds=0.5,
+                     overhead_seconds=0.1)
+    assert cost.step_seconds(0) == pytest.approx(1.0 + 0.1)             # no drafting
+    assert cost.step_seconds(2) == pytest.approx(0.5 + 2 * 0.25 + 2.0 + 0.1)
+    # a fixed part makes a 1-token draft cost more per token than a long one: at full
+    # acceptance the controller drafts the longest
+    flat = CostModel({1: 1.0, 9: 1.0}, draft_step_seconds=0.05, draft_fixed_seconds=0.5)
+    ctrl = DraftLengthController(flat, 8, prior_acceptance=1.0)
+    assert ctrl.choose() == 8
+
+
+def test_learn_verify_is_a_moving_average():
+    cost = CostModel({1: 1.0}, 0.0)
+    cost.learn_verify(1, 2.0)
+    cost.learn_verify(4, 3.0)                      # a new length: taken as it is
+    assert cost.verify_seconds == pytest.approx({1: 0.8 * 1.0 + 0.2 * 2.0, 4: 3.0})
+
+
+def test_learn_draft_keeps_the_measured_per_token_cost_while_the_length_is_constant():
+    """One-token steps that cost 0.1 s, with a measured per-token cost of 0.04 s: the data
+    cannot separate the parts, so the per-token cost stays 0.04 and 0.06 is fixed (charging
+    every token 0.1 would price an 8-token draft at 0.8 s instead of 0.38)."""
+    cost = CostModel({1: 1.0}, draft_step_seconds=0.04)
+    for _ in range(30):
+        cost.learn_draft(1, 0.1)
+    assert cost.draft_step_seconds == pytest.approx(0.04)
+    assert cost.draft_fixed_seconds == pytest.approx(0.06)
+    assert cost.draft_seconds(8) == pytest.approx(0.06 + 8 * 0.04)
+
+
+def test_learn_draft_fits_fixed_and_per_token_costs_from_varied_lengths():
+    """Steps of 1..6 tokens costing 0.03 + 0.06 g: the fit finds both parts although the
+    warm-up measured 0.04 per token (the prior weighs 4 steps against about 20 discounted
+    ones spread over 6 lengths)."""
+    cost = CostModel({1: 1.0}, draft_step_seconds=0.04)
+    for _ in range(20):
+        for g in range(1, 7):
+            cost.learn_draft(g, 0.03 + 0.06 * g)
+    assert cost.draft_step_seconds == pytest.approx(0.06, abs=0.003)
+    assert cost.draft_fixed_seconds == pytest.approx(0.03, abs=0.01)
+
+
+def test_learn_draft_never_goes_negative():
+    cost = CostModel({1: 1.0}, draft_step_seconds=0.05)
+    for _ in range(20):
+        for g in (2, 6):
+            cost.learn_draft(g, 0.1 * g - 0.1)     # a negative intercept: through the origin
+    assert cost.draft_fixed_seconds == 0.0
+    assert cost.draft_step_seconds > 0.05
+    with pytest.raises(ValueError, match="num_draft"):
+        cost.learn_draft(0, 0.1)
 
 
 def test_untried_positions_inherit_the_last_measured_rate():

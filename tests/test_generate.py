@@ -233,8 +233,9 @@ def test_adaptive_tree_prunes_or_skips_trees_by_cost(pair, monkeypatch, verify, 
     gen = specops.SpeculativeGenerator(
         target, draft, tree=specops.DynamicTree(depth=3, top_k=2, num_nodes=6),
         eos_token_id=[])
-    gen.cost = CostModel(verify, 0.0)
-    gen.tree_controller = control = TreeSizeController(gen.cost, 0.0, 6)
+    cost = CostModel(verify, 0.0)
+    gen.costs[1] = {"tree": cost}
+    gen.tree_controller = control = TreeSizeController(cost, 0.0, 6)
     out = gen.generate(torch.tensor([row]), max_new_tokens=NEW)
     assert_same_or_tie(target, row, out.sequences[0, 6:].tolist(), hf_greedy(target, row, NEW),
                        "adaptive tree")
@@ -272,6 +273,41 @@ def test_step_timings_refine_the_controllers_cost_model(pair, monkeypatch, metho
         assert learnt and min(learnt) > 1, gen.cost.verify_seconds
     else:
         assert learnt, gen.cost.verify_seconds
+
+
+@pytest.mark.parametrize("tree", [None, specops.DynamicTree(depth=2, top_k=2, num_nodes=4)])
+def test_each_batch_size_has_its_own_cost_model(pair, monkeypatch, tree):
+    """A verify pass over 3 rows costs more than over 1: the generator measures each batch
+    size once, switches the controllers' cost model with the batch size and keeps the
+    acceptance estimates."""
+    from specops import loop
+    measured = []
+    original = loop._Run._measure_verify
+
+    def counting(self, largest):
+        measured.append(self.batch)
+        return original(self, largest)
+
+    monkeypatch.setattr(loop._Run, "_measure_verify", counting)
+    target, draft = pair
+    rows = prompts(target.config.vocab_size, [6, 4, 5], seed=8)
+    gen = specops.SpeculativeGenerator(target, draft, tree=tree, max_draft_tokens=3,
+                                       eos_token_id=[])
+    kind = "model" if tree is None else "tree"
+    gen.generate(torch.tensor(rows[:1]), max_new_tokens=6)
+    one = gen.costs[1][kind]
+    control = gen.controller if tree is None else gen.tree_controller
+    ids, mask = padded(rows, "left")
+    gen.generate(ids, attention_mask=mask, max_new_tokens=6)
+    three = gen.costs[3][kind]
+    assert three is not one and three.verify_seconds is not one.verify_seconds
+    assert gen.cost is three and control.cost is three
+    assert (gen.controller if tree is None else gen.tree_controller) is control
+    gen.generate(torch.tensor(rows[:1]), max_new_tokens=6)
+    assert gen.cost is one and control.cost is one
+    assert measured == [1, 3]                      # batch 1 again: not measured again
+    if tree is not None:
+        assert control.growth_seconds == one.draft_fixed_seconds
 
 
 def test_reset_estimates_keeps_the_cost_model(pair):
