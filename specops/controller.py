@@ -112,7 +112,7 @@ class CostModel:
         fixed = (t - step * g) / weight
         if fixed < 0:       # refit through the origin
             fixed, step = 0.0, (gt + prior_weight * prior) / (gg + prior_weight)
-        self.draft_fixed_seconds, self.draft_step_seconds = fixed, max(0.0, step)
+        self.draft_fixed_seconds, self.draft_step_seconds = float(fixed), float(max(0.0, step))
 
 
 def expected_tokens(acceptance: Sequence[float] | np.ndarray, num_draft: int) -> float:
