@@ -606,6 +606,7 @@ class _Run:
             self._prefill_draft()
             self.clock.switch("draft")
             started = time.perf_counter()
+        steady = self._draft_behind() <= 2
         tokens, probs, draft_lens, use_model = self._propose(kind, num_draft, looked)
         drafted = time.perf_counter()
         if not any(use_model):              # only lookup tokens (or none): verify what exists
@@ -625,8 +626,8 @@ class _Run:
                                                  seeds=self.seeds,
                                                  positions=target_lens.long())
         out_list, accepted = out.tolist(), num_accepted.tolist()
-        self._learn_cost(self._step_cost(kind), num_draft, drafted - started,
-                         time.perf_counter() - drafted)
+        self._learn_cost(self._step_cost(kind), num_draft,
+                         drafted - started if steady else None, time.perf_counter() - drafted)
         if any(use_model):
             # the draft cache holds the root and its own first num_draft - 1 drafts: the
             # accepted ones stay; rows that verified lookup tokens keep only the root
@@ -648,6 +649,20 @@ class _Run:
         cost.learn_verify(num_draft + 1, verify_seconds)
         if num_draft > 0 and draft_seconds is not None:
             cost.learn_draft(num_draft, draft_seconds)
+
+    def _draft_behind(self) -> int:
+        """The most tokens an active row's draft cache lacks (the root included): the length
+        of the catch-up forward that starts the next drafting step, 0 without a draft model.
+        In steady drafting it is at most 2 for a chain (the last draft and the bonus token)
+        and ``depth + 1`` for a tree (the accepted path and the bonus token); after plain or
+        prompt-lookup steps it is longer. Such a step's drafting time is not learnt: the
+        controllers' cost models are per step of steady drafting, and charging every step
+        the one-off catch-up would keep the controller decoding plainly, which makes the next
+        catch-up longer still."""
+        if self.draft is None or not self.draft_prefilled:
+            return 0
+        return max((len(self.rows[b]) - self.draft.cached[b] for b in range(self.batch)
+                    if not self.done[b]), default=0)
 
     def _step_cost(self, kind: str | None) -> CostModel | None:
         """The cost model a chain step of ``kind`` refines: its kind's controller's; for a
@@ -699,6 +714,7 @@ class _Run:
             return self._chain_step(plain=True)                      # plain decoding pays more now
         self.clock.switch("draft")
         started = time.perf_counter()
+        steady = self._draft_behind() <= tree.depth + 1
         draft_probs = None
         if isinstance(tree, StaticTree):
             tree_tokens, parents, draft_probs = self.draft.static_tree(
@@ -707,7 +723,8 @@ class _Run:
             tree_tokens, parents, scores = self.draft.grow_tree(self.rows, tree.depth,
                                                                 tree.top_k, tree.num_nodes)
         if control is not None:
-            self._learn_growth(time.perf_counter() - started)
+            if steady:
+                self._learn_growth(time.perf_counter() - started)
             active = [b for b in range(self.batch) if not self.done[b]]
             probs = scores[:, 1:].exp().sort(dim=1, descending=True).values[active]
             size = control.choose_size(probs.cpu().numpy())

@@ -1,9 +1,12 @@
-"""Tiny random Hugging Face models for the decoding-loop tests, and a greedy reference."""
+"""Tiny random Hugging Face models for the decoding-loop tests, a greedy reference, random
+(padded) prompts and the drafting methods under test."""
 
 import copy
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import specops
 
 EOS, PAD = 1, 0
 
@@ -43,6 +46,12 @@ def noisy_copy(model: torch.nn.Module, noise: float, seed: int = 1,
     return draft
 
 
+def tiny_pair(family: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A tiny target and a draft that agrees with it often (a noisy copy)."""
+    target = tiny_model(family, seed=3)
+    return target, noisy_copy(target, noise=0.1)
+
+
 def hf_greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
               eos: int | None = None) -> list[int]:
     """The target's own greedy ``generate`` on one unpadded row."""
@@ -74,3 +83,43 @@ def assert_same_or_tie(model, prompt: list[int], ours: list[int], reference: lis
     gap = top2_gap(model, prompt + reference[:first])
     assert gap < 1e-4, (f"{what}: outputs differ at new token {first} where the top-2 logit gap "
                         f"is {gap:.3g} (not a tie)\n ours {ours}\n  ref {reference}")
+
+
+def prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    """Random prompts of the given lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    # ids 2.. so that no prompt token is EOS or PAD
+    return [torch.randint(2, vocab, (n,), generator=generator).tolist() for n in lengths]
+
+
+def padded(rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of ``rows`` padded on ``side`` ("left"/"right")."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD)
+    mask = torch.zeros(len(rows), width, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[b, cols] = torch.tensor(r)
+        mask[b, cols] = 1
+    return ids, mask
+
+
+METHODS = ("plain", "chain-3", "chain-auto", "tree", "adaptive-tree", "static-tree", "lookup",
+           "hybrid", "lookup-auto", "hybrid-auto")
+
+
+def drafters(draft) -> dict[str, dict]:
+    """``generate`` keyword arguments of every drafting method the loop tests cover."""
+    return {"plain": dict(draft=None),
+            "chain-3": dict(draft=draft, num_draft_tokens=3),
+            "chain-auto": dict(draft=draft),
+            "tree": dict(draft=draft, tree=specops.DynamicTree(depth=3, top_k=2, num_nodes=6,
+                                                               adaptive=False)),
+            "adaptive-tree": dict(draft=draft, tree=specops.DynamicTree(depth=3, top_k=2,
+                                                                        num_nodes=6)),
+            "static-tree": dict(draft=draft, tree=specops.StaticTree((2, 2, 1))),
+            "lookup": dict(draft=specops.PromptLookup(max_ngram=2), num_draft_tokens=4),
+            "hybrid": dict(draft=specops.Hybrid(draft, specops.PromptLookup(max_ngram=2)),
+                           num_draft_tokens=3),
+            "lookup-auto": dict(draft=specops.PromptLookup(max_ngram=2)),
+            "hybrid-auto": dict(draft=specops.Hybrid(draft, specops.PromptLookup(max_ngram=2)))}

@@ -8,61 +8,26 @@ import pytest
 import torch
 
 import specops
-from specops.controller import CostModel, TreeSizeController
-from loop_models import EOS, PAD, assert_same_or_tie, hf_greedy, noisy_copy, tiny_model
+from specops.controller import CostModel, DraftLengthController, TreeSizeController
+from loop_models import (EOS, METHODS, PAD, assert_same_or_tie, drafters, hf_greedy, noisy_copy,
+                         padded, prompts, tiny_model, tiny_pair)
 
 NEW = 20
 
 
 @pytest.fixture(scope="module", params=["qwen2", "llama"])
 def pair(request):
-    target = tiny_model(request.param, seed=3)
-    return target, noisy_copy(target, noise=0.1)
+    return tiny_pair(request.param)
 
 
-def prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(seed)
-    # ids 2.. so that no prompt token is EOS or PAD
-    return [torch.randint(2, vocab, (n,), generator=generator).tolist() for n in lengths]
-
-
-def padded(rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), PAD)
-    mask = torch.zeros(len(rows), width, dtype=torch.int64)
-    for b, r in enumerate(rows):
-        cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
-        ids[b, cols] = torch.tensor(r)
-        mask[b, cols] = 1
-    return ids, mask
-
-
-def drafters(target, draft):
-    return {"plain": dict(draft=None),
-            "chain-3": dict(draft=draft, num_draft_tokens=3),
-            "chain-auto": dict(draft=draft),
-            "tree": dict(draft=draft, tree=specops.DynamicTree(depth=3, top_k=2, num_nodes=6,
-                                                               adaptive=False)),
-            "adaptive-tree": dict(draft=draft, tree=specops.DynamicTree(depth=3, top_k=2,
-                                                                        num_nodes=6)),
-            "static-tree": dict(draft=draft, tree=specops.StaticTree((2, 2, 1))),
-            "lookup": dict(draft=specops.PromptLookup(max_ngram=2), num_draft_tokens=4),
-            "hybrid": dict(draft=specops.Hybrid(draft, specops.PromptLookup(max_ngram=2)),
-                           num_draft_tokens=3),
-            "lookup-auto": dict(draft=specops.PromptLookup(max_ngram=2)),
-            "hybrid-auto": dict(draft=specops.Hybrid(draft, specops.PromptLookup(max_ngram=2)))}
-
-
-@pytest.mark.parametrize("method", ["plain", "chain-3", "chain-auto", "tree", "adaptive-tree",
-                                    "static-tree", "lookup", "hybrid", "lookup-auto",
-                                    "hybrid-auto"])
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_greedy_equals_target_generate(pair, method, side):
     target, draft = pair
     rows = prompts(target.config.vocab_size, [5, 1, 9])
     ids, mask = padded(rows, side)
     out = specops.generate(target, ids, attention_mask=mask, max_new_tokens=NEW,
-                           eos_token_id=[], **drafters(target, draft)[method])
+                           eos_token_id=[], **drafters(draft)[method])
     assert out.sequences.shape == (3, ids.shape[1] + NEW)
     assert torch.equal(out.sequences[:, :ids.shape[1]], ids)
     for b, row in enumerate(rows):
@@ -273,6 +238,34 @@ def test_step_timings_refine_the_controllers_cost_model(pair, monkeypatch, metho
         assert learnt and min(learnt) > 1, gen.cost.verify_seconds
     else:
         assert learnt, gen.cost.verify_seconds
+
+
+@pytest.mark.parametrize("tree", [None, specops.DynamicTree(depth=2, top_k=2, num_nodes=4)])
+def test_drafting_cost_is_not_learnt_from_a_catch_up_after_plain_steps(pair, monkeypatch, tree):
+    """The first drafting step after plain steps feeds the draft every token it missed; that
+    one-off cost is not learnt as the cost of a drafting step (it would keep the controller
+    decoding plainly). Scripted choices: draft, 4 plain steps, then draft on."""
+    from specops import loop
+    script = iter([True] + [False] * 4)
+    learnt = []
+    if tree is None:
+        def choose(self):
+            return 3 if next(script, True) else 0
+        monkeypatch.setattr(DraftLengthController, "choose", choose)
+        original = CostModel.learn_draft
+        monkeypatch.setattr(CostModel, "learn_draft",
+                            lambda self, g, t: (learnt.append(g), original(self, g, t)))
+    else:
+        monkeypatch.setattr(TreeSizeController, "use_tree", lambda self: next(script, True))
+        monkeypatch.setattr(loop._Run, "_learn_growth", lambda self, t: learnt.append(t))
+    target, draft = pair
+    row = torch.tensor([prompts(target.config.vocab_size, [6], seed=9)[0]])
+    gen = specops.SpeculativeGenerator(target, draft, tree=tree, max_draft_tokens=3,
+                                       eos_token_id=[])
+    out = gen.generate(row, max_new_tokens=40)
+    drafting_steps = out.stats.steps - out.stats.draft_lengths[0]
+    assert drafting_steps >= 3, out.stats.summary()
+    assert len(learnt) == drafting_steps - 1       # all but the one after the plain steps
 
 
 @pytest.mark.parametrize("tree", [None, specops.DynamicTree(depth=2, top_k=2, num_nodes=4)])

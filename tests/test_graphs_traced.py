@@ -24,7 +24,7 @@ import specops
 import specops.graphs
 from specops import _checks
 from specops.graphs import GraphedStep
-from loop_models import PAD, assert_same_or_tie, hf_greedy, noisy_copy, tiny_model
+from loop_models import METHODS, assert_same_or_tie, drafters, hf_greedy, padded, prompts, tiny_pair
 
 NEW = 20
 
@@ -44,9 +44,11 @@ class TracedReplay:
 class TracedGraphs:
     """Graph backend for the CPU in these tests (``specops.graphs._BACKENDS["cpu"]``)."""
 
+    instances: list["TracedGraphs"] = []       # every backend built, for the tests to count
+
     def __init__(self):
         self.captures = self.replays = 0
-        TracedGraphs.last = self
+        TracedGraphs.instances.append(self)
 
     def capture(self, fn, static_inputs, warmup):
         for _ in range(warmup):
@@ -61,58 +63,24 @@ class TracedGraphs:
 
 @pytest.fixture
 def cpu_graphs(monkeypatch):
+    """The stand-in as the CPU's graph backend; returns the list of backends built."""
     monkeypatch.setitem(specops.graphs._BACKENDS, "cpu", TracedGraphs)
-    backends = []
-    original = TracedGraphs.__init__
-
-    def tracked(self):
-        original(self)
-        backends.append(self)
-
-    monkeypatch.setattr(TracedGraphs, "__init__", tracked)
-    return backends
+    monkeypatch.setattr(TracedGraphs, "instances", [])
+    return TracedGraphs.instances
 
 
 @pytest.fixture(scope="module", params=["qwen2", "llama"])
 def pair(request):
-    target = tiny_model(request.param, seed=3)
-    return target, noisy_copy(target, noise=0.1)
+    return tiny_pair(request.param)
 
 
-def ragged_prompts(vocab: int) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
-    """Three prompts of lengths 5, 1, 9, left padded."""
-    generator = torch.Generator().manual_seed(0)
-    rows = [torch.randint(2, vocab, (n,), generator=generator).tolist() for n in (5, 1, 9)]
-    ids = torch.full((3, 9), PAD)
-    mask = torch.zeros(3, 9, dtype=torch.int64)
-    for b, r in enumerate(rows):
-        ids[b, 9 - len(r):] = torch.tensor(r)
-        mask[b, 9 - len(r):] = 1
-    return rows, ids, mask
-
-
-def methods(draft):
-    return {
-        "plain": dict(draft=None),
-        "chain-3": dict(draft=draft, num_draft_tokens=3),
-        "chain-auto": dict(draft=draft),
-        "tree": dict(draft=draft, tree=specops.DynamicTree(depth=3, top_k=2, num_nodes=6,
-                                                           adaptive=False)),
-        "adaptive-tree": dict(draft=draft, tree=specops.DynamicTree(depth=3, top_k=2,
-                                                                    num_nodes=6)),
-        "static-tree": dict(draft=draft, tree=specops.StaticTree((2, 2, 1))),
-        "lookup-auto": dict(draft=specops.PromptLookup(max_ngram=2)),
-        "hybrid-auto": dict(draft=specops.Hybrid(draft, specops.PromptLookup(max_ngram=2))),
-    }
-
-
-@pytest.mark.parametrize("method", ["plain", "chain-3", "chain-auto", "tree", "adaptive-tree",
-                                    "static-tree", "lookup-auto", "hybrid-auto"])
+@pytest.mark.parametrize("method", METHODS)
 def test_greedy_through_graphs_equals_target_generate(pair, cpu_graphs, method):
     target, draft = pair
-    rows, ids, mask = ragged_prompts(target.config.vocab_size)
+    rows = prompts(target.config.vocab_size, [5, 1, 9])
+    ids, mask = padded(rows, "left")
     out = specops.generate(target, ids, attention_mask=mask, max_new_tokens=NEW,
-                           eos_token_id=[], cuda_graphs=True, **methods(draft)[method])
+                           eos_token_id=[], cuda_graphs=True, **drafters(draft)[method])
     for b, row in enumerate(rows):
         assert_same_or_tie(target, row, out.sequences[b, 9:].tolist(),
                            hf_greedy(target, row, NEW), f"{method} row {b}")
@@ -134,7 +102,7 @@ def test_greedy_through_graphs_equals_target_generate(pair, cpu_graphs, method):
 def test_sampling_through_graphs_equals_eager(pair, cpu_graphs, options):
     """Fixed draft lengths, so both runs take the same steps: same tokens, bit for bit."""
     target, draft = pair
-    _, ids, mask = ragged_prompts(target.config.vocab_size)
+    ids, mask = padded(prompts(target.config.vocab_size, [5, 1, 9]), "left")
     runs = [specops.generate(target, ids, attention_mask=mask, draft=draft, max_new_tokens=NEW,
                              eos_token_id=[], cuda_graphs=graphs, **options)
             for graphs in (False, True)]
