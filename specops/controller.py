@@ -23,8 +23,8 @@ class CostModel:
 
     A step drafting ``g > 0`` tokens costs ``draft_fixed_seconds + g * draft_step_seconds``
     of drafting (the fixed part: the draft model catching up on the tokens the last step
-    emitted, one forward over two tokens per row after a full acceptance; on the CPU that can
-    cost nearly a second forward) plus ``verify_seconds(g + 1)`` plus ``overhead_seconds``;
+    emitted, one forward over two tokens per row after a full acceptance; on the CPU that
+    forward can cost nearly twice a one-token one) plus ``verify_seconds(g + 1)`` plus ``overhead_seconds``;
     ``g = 0`` (plain decoding) costs ``verify_seconds(1) + overhead_seconds``.
 
     Args:
@@ -96,8 +96,8 @@ class CostModel:
         warm-up measurement) by ``prior_weight`` pseudo-steps: while every step drafts the
         same length the data say nothing about the per-token cost, and the fit keeps the
         measured one and puts the rest into the fixed part, instead of charging each token
-        the fixed part again (which made one-token drafts look cheaper than they are). Both
-        parts stay ``>= 0``.
+        the fixed part again (which priced long drafts as if every token cost a whole short
+        step, so the controller drafted too little). Both parts stay ``>= 0``.
         """
         if num_draft < 1:
             raise ValueError(f"CostModel.learn_draft: num_draft must be >= 1, got {num_draft}")
