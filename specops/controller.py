@@ -322,9 +322,11 @@ class TreeSizeController:
     the estimates (the probing rule of :class:`DraftLengthController`).
 
     Args:
-        cost: Its ``verify_seconds`` are the target's; ``draft_step_seconds`` is unused here.
+        cost: Its ``verify_seconds`` are the target's; its ``draft_fixed_seconds`` holds
+            :attr:`growth_seconds` (a tree step's drafting cost), so that swapping the cost
+            model swaps both; ``draft_step_seconds`` is unused here.
         growth_seconds: Seconds to grow one tree (all ``depth`` draft passes), ``>= 0``;
-            :attr:`growth_seconds` may be refined later.
+            written into ``cost``; :attr:`growth_seconds` may be refined later.
         max_nodes: The grown tree's nodes, root included, ``>= 2``.
         decay: In ``(0, 1]``, per :meth:`update`.
         probe_every: ``>= 1``.
@@ -344,7 +346,7 @@ class TreeSizeController:
             raise ValueError(f"{name}: growth_seconds must be >= 0, got {growth_seconds}")
         _check_decay_and_probe(name, decay, probe_every)
         self.cost = cost
-        self.growth_seconds = float(growth_seconds)
+        self.growth_seconds = growth_seconds
         self.max_nodes = max_nodes
         self.decay = decay
         self.probe_every = probe_every
@@ -359,6 +361,15 @@ class TreeSizeController:
     @property
     def num_probes(self) -> int:
         return self._prober.count
+
+    @property
+    def growth_seconds(self) -> float:
+        """Seconds to grow one tree: the cost model's ``draft_fixed_seconds``."""
+        return self.cost.draft_fixed_seconds
+
+    @growth_seconds.setter
+    def growth_seconds(self, seconds: float) -> None:
+        self.cost.draft_fixed_seconds = float(seconds)
 
     @property
     def calibration(self) -> float:

@@ -531,8 +531,7 @@ class _Run:
         if gen.tree_controller is None:
             gen.tree_controller = TreeSizeController(cost, cost.draft_fixed_seconds,
                                                      tree.num_nodes)
-        gen.tree_controller.cost = cost
-        gen.tree_controller.growth_seconds = cost.draft_fixed_seconds
+        gen.tree_controller.cost = cost                 # its growth cost comes with it
         self.tree_controller = gen.tree_controller
 
     def _measure_verify(self, largest: int) -> dict[int, float]:
@@ -678,7 +677,6 @@ class _Run:
         if self.device.type == "cpu":
             control = self.tree_controller
             control.growth_seconds = 0.8 * control.growth_seconds + 0.2 * seconds
-            control.cost.draft_fixed_seconds = control.growth_seconds   # kept per batch size
 
     def _record(self, num_draft: int, draft_lens: list[int], accepted: list[int],
                 kind: str | None = None) -> None:
