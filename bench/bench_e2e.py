@@ -64,7 +64,7 @@ Output (``--out``, default ``bench/results/e2e_cpu/``), files named ``e2e_<UTC d
   transformers / specops versions, git commit, date, models, options, prompt ids per category),
   then one record per prompt x method x repetition: prompt ids, wall seconds, tokens/s (new
   tokens of all rows / wall time), new tokens per row, ``GenerationStats.as_dict()`` plus the raw
-  counts (specops methods), a hash of the output token ids, whether the output (every row) is
+  counts and the cost models before and after the call (specops methods), a hash of the output token ids, whether the output (every row) is
   identical to that of ``plain`` and of ``hf-plain`` on the same prompt and repetition, and per
   row the first index where it differs (``null`` when identical; ``null`` flags when sampling).
 - ``_summary.csv``: one row per category x method: tokens/s median, p10, p90 over runs;
@@ -179,6 +179,19 @@ def method_names(spec: str | None, k: int) -> list[str]:
     return out
 
 
+def cost_models(gen: SpeculativeGenerator, batch: int) -> dict | None:
+    """The generator's cost models for ``batch`` rows (``None`` before its first call with
+    that batch size), in milliseconds: ``{kind: {"verify": {n: ms}, "draft_fixed": ms,
+    "draft_per_token": ms}}``."""
+    costs = gen.costs.get(batch)
+    if costs is None:
+        return None
+    return {kind: {"verify": {n: round(s * 1e3, 2) for n, s in sorted(c.verify_seconds.items())},
+                   "draft_fixed": round(c.draft_fixed_seconds * 1e3, 2),
+                   "draft_per_token": round(c.draft_step_seconds * 1e3, 2)}
+            for kind, c in costs.items()}
+
+
 def make_methods(names: list[str], target, draft, opts: Options, args) -> dict:
     """``{name: call(input_ids, attention_mask, max_new_tokens, rep) -> (new rows, stats)}``;
     ``stats`` is a dict for specops methods and None for Hugging Face's."""
@@ -193,6 +206,7 @@ def make_methods(names: list[str], target, draft, opts: Options, args) -> dict:
             gen.seed = opts.seed + rep
             if not args.carry_controller:
                 gen.reset_estimates()
+            before = cost_models(gen, ids.shape[0])
             out = gen.generate(ids, mask, max_new_tokens=max_new_tokens)
             width = ids.shape[1]
             rows = [out.sequences[b, width:width + n].tolist()
@@ -201,6 +215,8 @@ def make_methods(names: list[str], target, draft, opts: Options, args) -> dict:
             for raw in ("emitted", "row_steps", "tried", "accepted"):  # pooled summaries
                 if hasattr(out.stats, raw):
                     stats[raw] = getattr(out.stats, raw)
+            # what the controllers priced steps by: explains a call that decoded plainly
+            stats["cost_models"] = {"before": before, "after": cost_models(gen, ids.shape[0])}
             return rows, stats
         return call
 

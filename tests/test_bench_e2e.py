@@ -206,6 +206,17 @@ def test_bench_e2e_quick_on_tiny_models(tmp_path):
             assert run["stats"] is None
         else:
             assert run["stats"]["new_tokens"] == run["new_tokens"][0]
+            # the cost models priced by, after the warm-up call measured them
+            costs = run["stats"]["cost_models"]
+            kinds = {"plain": None, "chain-fixed-4": None, "chain-auto": {"model"},
+                     "tree": {"tree"}, "prompt-lookup": {"lookup"},
+                     "hybrid": {"model", "lookup"}}[run["method"]]
+            if kinds is None:
+                assert costs == {"before": None, "after": None}, costs
+            else:
+                assert set(costs["before"]) == set(costs["after"]) == kinds, costs
+                assert all(ms > 0 for c in costs["after"].values()
+                           for ms in c["verify"].values()), costs
     with summary.open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == bench_e2e.SUMMARY_COLUMNS

@@ -240,6 +240,42 @@ def test_step_timings_refine_the_controllers_cost_model(pair, monkeypatch, metho
         assert learnt, gen.cost.verify_seconds
 
 
+def test_warm_up_times_again_a_verify_reading_above_a_longer_ones(pair, monkeypatch):
+    """Scripted warm-up readings (seconds of a forward over n tokens per row, in call order
+    per n) for the sizes 1, 2, 9, 17: 2 and 9 read above 17 and are timed again, each
+    keeping the lesser reading; 1 reads below everything longer and 17 is the longest, so
+    they are timed once."""
+    from specops import loop
+    readings = {1: [1.0], 2: [3.0, 1.1], 9: [4.0, 5.0], 17: [2.0]}
+    forwards, measured = [], []
+    original_forward, original_time = loop._Run._target_forward_dummy, loop._Run._time
+    original_measure = loop._Run._measure_verify
+
+    def forward(self, lens, n):
+        forwards.append(n)
+        return original_forward(self, lens, n)
+
+    def scripted(self, fn):     # warm-up verify forwards read from the script
+        before = len(forwards)
+        seconds = original_time(self, fn)
+        return readings[forwards[-1]].pop(0) if len(forwards) > before else seconds
+
+    def measure(self, largest):
+        measured.append(original_measure(self, 17))
+        return dict(measured[-1])
+
+    monkeypatch.setattr(loop._Run, "_target_forward_dummy", forward)
+    monkeypatch.setattr(loop._Run, "_time", scripted)
+    monkeypatch.setattr(loop._Run, "_time_warm", lambda self, fn, cpu_calls=1: self._time(fn))
+    monkeypatch.setattr(loop._Run, "_measure_verify", measure)
+    target, _ = pair
+    row = torch.tensor([prompts(target.config.vocab_size, [6], seed=7)[0]])
+    gen = specops.SpeculativeGenerator(target, specops.PromptLookup(), eos_token_id=[])
+    gen.generate(row, max_new_tokens=4)
+    assert forwards == [1, 2, 9, 17, 9, 2], forwards
+    assert measured == [{1: 1.0, 2: 1.1, 9: 4.0, 17: 2.0}], measured
+
+
 @pytest.mark.parametrize("tree", [None, specops.DynamicTree(depth=2, top_k=2, num_nodes=4)])
 def test_drafting_cost_is_not_learnt_from_a_catch_up_after_plain_steps(pair, monkeypatch, tree):
     """The first drafting step after plain steps feeds the draft every token it missed; that
