@@ -137,9 +137,11 @@ def _check_decay_and_probe(name: str, decay: float, probe_every: int) -> None:
         raise ValueError(f"{name}: probe_every must be >= 1, got {probe_every}")
 
 
-class _Prober:
-    """The probing rule of both controllers: counts consecutive steps where plain decoding
-    was the best choice and says when to speculate anyway (every ``every``-th of them)."""
+class Prober:
+    """The probing rule of both controllers (and of :class:`specops.Hybrid`'s choice of
+    drafter): counts consecutive steps where the choice without data (plain decoding, the
+    draft model over a lookup) was the best and says when to try the other anyway (every
+    ``every``-th of them), so that its estimates do not freeze."""
 
     def __init__(self, every: int):
         self.every = every
@@ -217,7 +219,7 @@ class DraftLengthController:
         self.probe_every = probe_every
         self._tried = np.zeros(max_draft)
         self._accepted = np.zeros(max_draft)
-        self._prober = _Prober(probe_every)
+        self._prober = Prober(probe_every)
         self.chosen_lengths: Counter[int] = Counter()
 
     @property
@@ -256,13 +258,21 @@ class DraftLengthController:
         """Expected tokens per second per row when drafting ``num_draft`` tokens."""
         return self.expected_tokens(num_draft) / self.cost.step_seconds(num_draft)
 
+    def best(self, longest: int | None = None) -> tuple[int, float]:
+        """The candidate with the best expected rate, no longer than ``longest`` (None: any),
+        and that rate; ties go to the shorter length. No probing, nothing recorded: for
+        comparing drafters before choosing one (:class:`specops.Hybrid`)."""
+        lengths = [g for g in self.candidates if longest is None or g <= longest] or [0]
+        rates = [self.expected_rate(g) for g in lengths]
+        i = int(np.argmax(rates))                        # argmax takes the first maximum
+        return lengths[i], rates[i]
+
     def choose(self) -> int:
         """The draft length for the next step: the best candidate, or a probe (class docstring).
 
         Ties go to the shorter length, which costs less if the estimates are off.
         """
-        rates = [self.expected_rate(g) for g in self.candidates]
-        choice = self.candidates[int(np.argmax(rates))]  # argmax takes the first maximum
+        choice = self.best()[0]
         positive = [g for g in self.candidates if g > 0]
         if self._prober.due(choice == 0 and bool(positive)):
             choice = max(positive, key=self.expected_rate)  # first maximum: shortest
@@ -355,7 +365,7 @@ class TreeSizeController:
         # the last tree step's best choice: (rows, sum of path probs, seconds); None = no
         # tree step yet, so the first step grows one
         self._last: tuple[int, float, float] | None = None
-        self._prober = _Prober(probe_every)
+        self._prober = Prober(probe_every)
         self.chosen_sizes: Counter[int] = Counter()
 
     @property

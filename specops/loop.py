@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .controller import CostModel, DraftLengthController, TreeSizeController
+from .controller import CostModel, DraftLengthController, Prober, TreeSizeController
 from .draft_model import DraftRunner, fit_vocab
 from .graphs import GraphedStep, graph_backend
 from .kv_ops import kv_commit
@@ -128,17 +128,37 @@ class StaticTree:
 
 
 class Hybrid:
-    """Prompt lookup where it finds a match, the draft model elsewhere.
+    """Prompt lookup where it finds a match and pays, the draft model elsewhere.
 
-    A step whose rows all have a lookup match skips the draft model; otherwise rows with a
-    match use the lookup's tokens and the others the draft model's.
+    A row *matches* when the lookup proposes at least ``min_match`` tokens for it. When some
+    row matches, the step compares the two drafters' expected tokens per second, each from
+    its own controller (acceptance per position learnt from its own steps, the draft model's
+    drafting cost, the target's verify cost, the lookup's proposal no longer than the longest
+    match): if the lookup's is at least the draft model's, matching rows take the lookup's
+    tokens and the others the draft model's (a step where every row matches skips the draft
+    model); otherwise every row takes the draft model's. A lookup that matches but does not
+    pay is used anyway every ``probe_every``-th such step (16), so that its acceptance
+    estimates follow the text (code that starts repeating its prompt). Matches on prose are
+    common and often wrong (a number, a name), which is where the comparison helps.
+
+    Args:
+        draft_model: The draft model (a Hugging Face causal LM sharing the target's
+            tokenizer).
+        lookup: The proposer; default :class:`PromptLookup()`.
+        min_match: The shortest proposal that counts as a match, ``>= 1``.
+        lookup_first: Use a match whenever there is one, without comparing (the rule
+            before the comparison existed). With a fixed draft length
+            (``num_draft_tokens``) there are no estimates to compare, and this rule applies.
     """
 
     def __init__(self, draft_model: torch.nn.Module, lookup: Proposer | None = None,
-                 min_match: int = 2):
+                 min_match: int = 2, lookup_first: bool = False):
+        if int(min_match) != min_match or min_match < 1:
+            raise ValueError(f"Hybrid: min_match must be an integer >= 1, got {min_match}")
         self.draft_model = draft_model
         self.lookup = lookup or PromptLookup()
-        self.min_match = min_match
+        self.min_match = int(min_match)
+        self.lookup_first = bool(lookup_first)
 
 
 @dataclass
@@ -216,8 +236,10 @@ class SpeculativeGenerator:
         self.lookup: Proposer | None = None
         self.draft: CausalLM | None = None
         self.min_match = 1
+        self.lookup_first = True    # a Hybrid's choice between its drafters
         if isinstance(draft, Hybrid):
             self.lookup, self.min_match = draft.lookup, draft.min_match
+            self.lookup_first = draft.lookup_first
             draft = draft.draft_model
         if isinstance(draft, Proposer) and not isinstance(draft, torch.nn.Module):
             self.lookup, draft = draft, None
@@ -265,6 +287,7 @@ class SpeculativeGenerator:
         self.pad_token_id = pad_token_id if pad_token_id is not None else min(self.eos, default=0)
         self.controllers: dict[str, DraftLengthController] = {}
         self.tree_controller: TreeSizeController | None = None
+        self.lookup_prober = Prober(16)     # a Hybrid's lookup, matched but not paying
         # batch size -> kind of step ("model", "lookup", "tree") -> its cost model: a verify
         # pass over B rows costs more than over one, so each batch size is measured apart
         self.costs: dict[int, dict[str, CostModel]] = {}
@@ -277,6 +300,7 @@ class SpeculativeGenerator:
         or a benchmark that gives every call the same start."""
         self.controllers = {kind: DraftLengthController(control.cost, self.max_draft[kind])
                             for kind, control in self.controllers.items()}
+        self.lookup_prober = Prober(self.lookup_prober.every)
         if self.tree_controller is not None:
             self.tree_controller = TreeSizeController(
                 self.cost, self.tree_controller.growth_seconds, self.tree.num_nodes)
@@ -457,15 +481,19 @@ class _Run:
 
     def _plan(self) -> tuple[str | None, int, list[list[int]]]:
         """This step's kind ("lookup": every active row has a lookup match of at least
-        ``min_match`` tokens, or there is no draft model; "model": the draft model runs;
-        None: no drafter), its draft length (the kind's controller's choice or the fixed
-        length, cut to the rows' budgets), and each row's lookup proposal at the lookup's
-        longest length (``[]`` without prompt lookup)."""
+        ``min_match`` tokens that is used (:class:`Hybrid`), or there is no draft model;
+        "model": the draft model runs; None: no drafter), its draft length (the kind's
+        controller's choice or the fixed length, cut to the rows' budgets), and each row's
+        lookup proposal at the lookup's longest length (``[]`` without prompt lookup or
+        where the lookup is not used)."""
         gen, batch = self.gen, self.batch
         active = [b for b in range(batch) if not self.done[b]]
         looked = (gen.lookup.propose(self.rows, gen.max_draft["lookup"])
                   if gen.lookup is not None else [[] for _ in range(batch)])
-        if self.draft is not None and any(len(looked[b]) < gen.min_match for b in active):
+        matched = [b for b in active if len(looked[b]) >= gen.min_match]
+        if self.draft is not None and matched and not self._lookup_pays(looked, matched):
+            looked, matched = [[] for _ in range(batch)], []
+        if self.draft is not None and len(matched) < len(active):
             kind = "model"
         else:
             kind = "lookup" if gen.lookup is not None else None
@@ -478,6 +506,17 @@ class _Run:
         # drafting past every active row's budget only wastes work
         room = max(self._remaining(b) for b in active) - 1
         return kind, max(0, min(length, room)), looked
+
+    def _lookup_pays(self, looked: list[list[int]], matched: list[int]) -> bool:
+        """A :class:`Hybrid`'s choice (its docstring): whether this step uses the lookup's
+        matches, by expected tokens per second of each drafter's best length, or a probe."""
+        gen = self.gen
+        if gen.lookup_first or not {"lookup", "model"} <= self.controllers.keys():
+            return True
+        longest = max(len(looked[b]) for b in matched)
+        lookup_rate = self.controllers["lookup"].best(longest)[1]
+        model_rate = self.controllers["model"].best()[1]
+        return gen.lookup_prober.due(lookup_rate < model_rate) or lookup_rate >= model_rate
 
     def _setup_controller(self) -> None:
         """Cost models from a short warm-up at the generator's first call with this batch size
@@ -645,7 +684,7 @@ class _Run:
             # accepted ones stay; rows that verified lookup tokens keep only the root
             self.draft.cached = [n + (min(a, num_draft - 1) if used else 0) for n, a, used
                                  in zip(self.root_lens, accepted, use_model)]
-        self._record(num_draft, draft_lens, accepted, kind)
+        self._record(num_draft, draft_lens, accepted, kind, use_model)
         return [o[:a + 1] for o, a in zip(out_list, accepted)]
 
     def _learn_cost(self, cost: CostModel | None, num_draft: int, draft_seconds: float | None,
@@ -692,15 +731,20 @@ class _Run:
             control.growth_seconds = 0.8 * control.growth_seconds + 0.2 * seconds
 
     def _record(self, num_draft: int, draft_lens: list[int], accepted: list[int],
-                kind: str | None = None) -> None:
+                kind: str | None = None, use_model: list[bool] | None = None) -> None:
+        """Statistics of one step, and the acceptance of the kind's controller from its rows
+        that drafted the full length (of a draft-model step, only rows that took the draft
+        model's tokens: ``use_model``)."""
         active = [b for b in range(self.batch) if not self.done[b]]
         stats = self.stats
         stats.steps += 1
         stats.draft_lengths[num_draft] += 1
+        stats.step_kinds[kind if num_draft and kind else "plain"] += 1
         stats.record_acceptance([draft_lens[b] for b in active], [accepted[b] for b in active])
         control = self.controllers.get(kind)
         if control is not None:
-            full = [accepted[b] for b in active if draft_lens[b] == num_draft]
+            full = [accepted[b] for b in active if draft_lens[b] == num_draft
+                    and (kind != "model" or use_model is None or use_model[b])]
             if num_draft > 0 and full:
                 control.update(num_draft, full)
 
@@ -763,7 +807,7 @@ class _Run:
         levels = tree.depth
         if control is not None and tree_tokens.shape[1] < tree.num_nodes:
             levels = int(depth.max())       # a pruned tree may be shallower than tree.depth
-        self._record(levels, [levels] * self.batch, accepted)
+        self._record(levels, [levels] * self.batch, accepted, "tree")
         return [o[:a + 1] for o, a in zip(out_list, accepted)]
 
     # ------------------------------------------------------------------------- output

@@ -24,6 +24,9 @@ class GenerationStats:
     emitted: int = 0                         # emitted tokens of active rows, before truncation
     row_steps: int = 0                       # (row, step) pairs with the row still active
     draft_lengths: Counter = field(default_factory=Counter)
+    # steps per drafter: "model" (the draft model ran; with a Hybrid, rows may have taken
+    # lookup tokens), "lookup", "tree", "plain" (nothing drafted)
+    step_kinds: Counter = field(default_factory=Counter)
     tried: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
     prefill_seconds: float = 0.0
@@ -64,6 +67,7 @@ class GenerationStats:
                     mean_emitted_per_step=self.mean_emitted_per_step,
                     acceptance_per_position=self.acceptance_per_position,
                     draft_lengths={int(k): v for k, v in sorted(self.draft_lengths.items())},
+                    step_kinds=dict(sorted(self.step_kinds.items())),
                     prefill_seconds=self.prefill_seconds, draft_seconds=self.draft_seconds,
                     verify_seconds=self.verify_seconds, overhead_seconds=self.overhead_seconds,
                     total_seconds=self.total_seconds)

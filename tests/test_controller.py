@@ -122,6 +122,21 @@ def test_probe_measures_long_drafts_when_short_ones_do_not_pay():
     assert ctrl.choose() >= 3
 
 
+def test_best_is_the_choice_without_probing_and_can_be_capped():
+    """``best(longest)``: the best length no longer than ``longest`` and its expected rate;
+    it neither probes nor counts. Free drafts, acceptance 0.5 everywhere: rates
+    ``(2 - 0.5**g) / verify(g + 1)``, with verify 1.0 up to 3 tokens and 2.0 from 9."""
+    cost = CostModel({1: 1.0, 3: 1.0, 9: 2.0}, draft_step_seconds=0.0)
+    ctrl = DraftLengthController(cost, 8, prior_acceptance=0.5)
+    assert ctrl.best() == (2, pytest.approx(1.75))
+    assert ctrl.best(longest=1) == (1, pytest.approx(1.5))
+    assert ctrl.best(longest=0) == (0, pytest.approx(1.0))
+    assert not ctrl.chosen_lengths and ctrl.num_probes == 0
+    never_pays = DraftLengthController(cost, 8, prior_acceptance=0.0, probe_every=1)
+    assert never_pays.best() == (0, pytest.approx(1.0))
+    assert never_pays.num_probes == 0 and never_pays.choose() > 0   # choose probes
+
+
 def test_no_positive_candidate_means_no_probe():
     ctrl = DraftLengthController(DRAFT, 0, probe_every=1)
     assert run(ctrl, 5, never) == [0] * 5

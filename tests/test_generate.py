@@ -169,6 +169,12 @@ def test_bad_input_is_refused_clearly(bad, error, words):
         specops.generate(target, args.pop("input_ids"), **args)
 
 
+@pytest.mark.parametrize("min_match", [0, -1, 1.5])
+def test_hybrid_refuses_a_bad_min_match(min_match):
+    with pytest.raises(ValueError, match="min_match"):
+        specops.Hybrid(tiny_model("qwen2", seed=1), min_match=min_match)
+
+
 def test_mismatched_tokenizers_are_refused_with_advice():
     class Vocab:
         def __init__(self, words):
@@ -395,6 +401,60 @@ class _FixedProposer:
         return [[row[-1]] * num_draft if self.proposes else [] for row in rows]
 
 
+class _KnowingProposer:
+    """Proposes ``num_draft`` tokens of a known continuation of the prompt (the target's
+    greedy one), or the same tokens shifted by one id: always right or always wrong."""
+
+    def __init__(self, prompt: list[int], continuation: list[int], right: bool, vocab: int,
+                 num_draft: int = 12):
+        self.prompt, self.continuation, self.right = prompt, continuation, right
+        self.vocab, self.num_draft = vocab, num_draft
+
+    def propose(self, rows, num_draft):
+        out = []
+        for row in rows:
+            ahead = self.continuation[len(row) - len(self.prompt):][:num_draft]
+            out.append(ahead if self.right else [(t + 1) % self.vocab for t in ahead])
+        return out
+
+
+@pytest.mark.parametrize("lookup_right", [True, False])
+def test_hybrid_uses_a_match_only_where_it_pays(pair, monkeypatch, lookup_right):
+    """Given cost models (flat verify costs, 0.1 s per draft-model token; no timing learnt):
+    a lookup that is always right beats the draft model at every step; one that is always
+    wrong loses to it after a few steps (its acceptance estimate falls from the 0.7 prior)
+    and is then tried only as a probe every 16th step where it matched (the two pairs' drafts
+    accept at different rates, so where the switch comes differs). With
+    ``lookup_first=True`` every step takes the match. Output: the target's greedy one."""
+    from specops import loop
+    monkeypatch.setattr(loop._Run, "_learn_cost", lambda self, *args: None)
+    target, draft = pair
+    vocab = target.config.vocab_size
+    row = prompts(vocab, [6], seed=7)[0]
+    new = 60
+    reference = hf_greedy(target, row, new)
+    for lookup_first in (False, True):
+        lookup = _KnowingProposer(row, reference, lookup_right, vocab)
+        gen = specops.SpeculativeGenerator(
+            target, specops.Hybrid(draft, lookup, min_match=1, lookup_first=lookup_first),
+            eos_token_id=[])
+        verify = {1: 1.0, 2: 1.0, 9: 1.0, 13: 1.0}
+        gen.costs[1] = {"model": CostModel(dict(verify), 0.1),
+                        "lookup": CostModel(dict(verify), 0.0)}
+        out = gen.generate(torch.tensor([row]), max_new_tokens=new)
+        assert_same_or_tie(target, row, out.sequences[0, 6:].tolist(), reference, "hybrid")
+        kinds = out.stats.step_kinds
+        if lookup_right or lookup_first:
+            assert kinds["lookup"] >= out.stats.steps - 1, kinds   # the last may be cut short
+            assert gen.lookup_prober.count == 0
+        else:
+            probes = gen.lookup_prober.count
+            assert out.stats.steps >= 20 and probes >= 1, (out.stats.summary(), kinds)
+            # each wrong lookup step lowers its estimate: ~2.8 / (4 + k) for position 1 after
+            # k of them, below what the draft model's steps make within a few
+            assert kinds["lookup"] - probes <= 8 and kinds["model"] >= 3 * kinds["lookup"], kinds
+
+
 @pytest.mark.parametrize("matches", [True, False])
 def test_hybrid_gives_each_kind_of_step_its_own_controller(pair, matches, monkeypatch):
     """A hybrid step where every row has a lookup match is chosen by the lookup controller
@@ -409,10 +469,12 @@ def test_hybrid_gives_each_kind_of_step_its_own_controller(pair, matches, monkey
     monkeypatch.setattr(DraftRunner, "prefill",
                         lambda runner, rows: prefills.append(rows) or real_prefill(runner, rows))
     gen = specops.SpeculativeGenerator(
-        target, specops.Hybrid(draft, _FixedProposer(matches), min_match=1), eos_token_id=[])
+        target, specops.Hybrid(draft, _FixedProposer(matches), min_match=1, lookup_first=True),
+        eos_token_id=[])
     out = gen.generate(torch.tensor([row]), max_new_tokens=NEW)
     assert_same_or_tie(target, row, out.sequences[0, 6:].tolist(), hf_greedy(target, row, NEW),
                        "hybrid")
+    assert set(out.stats.step_kinds) - {"plain"} == {"lookup" if matches else "model"}
     model, lookup = gen.controllers["model"], gen.controllers["lookup"]
     assert (model.max_draft, lookup.max_draft) == (8, 12)
     assert lookup.cost.verify_seconds is model.cost.verify_seconds

@@ -87,6 +87,9 @@ def drafters(draft):
         "prompt lookup": dict(draft=specops.PromptLookup(max_ngram=2), num_draft_tokens=2),
         "hybrid": dict(draft=specops.Hybrid(draft, specops.PromptLookup(max_ngram=2),
                                             min_match=2), num_draft_tokens=2),
+        # cost-aware lengths, and a choice of drafter per step from past acceptance
+        "hybrid, cost-aware": dict(draft=specops.Hybrid(draft, specops.PromptLookup(max_ngram=2),
+                                                        min_match=1), max_draft_tokens=3),
     }
 
 
