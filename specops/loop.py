@@ -136,9 +136,10 @@ class Hybrid:
     drafting cost, the target's verify cost, the lookup's proposal no longer than the longest
     match): if the lookup's is at least the draft model's, matching rows take the lookup's
     tokens and the others the draft model's (a step where every row matches skips the draft
-    model); otherwise every row takes the draft model's. A lookup that matches but does not
-    pay is used anyway every ``probe_every``-th such step (16), so that its acceptance
-    estimates follow the text (code that starts repeating its prompt). Matches on prose are
+    model); otherwise every row takes the draft model's. The lookup's estimates also learn
+    from the matches it did not use, by how far each agrees with the tokens the step
+    emitted, so that they follow the text (code that starts repeating its prompt); a lookup
+    that matches but does not pay is still used every 16th such step. Matches on prose are
     common and often wrong (a number, a name), which is where the comparison helps.
 
     Args:
@@ -479,19 +480,21 @@ class _Run:
     def _remaining(self, b: int) -> int:
         return self.budget - (len(self.rows[b]) - self.prompt_lens[b])
 
-    def _plan(self) -> tuple[str | None, int, list[list[int]]]:
+    def _plan(self) -> tuple[str | None, int, list[list[int]], list[list[int]]]:
         """This step's kind ("lookup": every active row has a lookup match of at least
         ``min_match`` tokens that is used (:class:`Hybrid`), or there is no draft model;
         "model": the draft model runs; None: no drafter), its draft length (the kind's
-        controller's choice or the fixed length, cut to the rows' budgets), and each row's
+        controller's choice or the fixed length, cut to the rows' budgets), each row's
         lookup proposal at the lookup's longest length (``[]`` without prompt lookup or
-        where the lookup is not used)."""
+        where the lookup is not used), and the matches not used (``[]`` elsewhere)."""
         gen, batch = self.gen, self.batch
         active = [b for b in range(batch) if not self.done[b]]
         looked = (gen.lookup.propose(self.rows, gen.max_draft["lookup"])
                   if gen.lookup is not None else [[] for _ in range(batch)])
         matched = [b for b in active if len(looked[b]) >= gen.min_match]
+        unused = [[] for _ in range(batch)]
         if self.draft is not None and matched and not self._lookup_pays(looked, matched):
+            unused = [looked[b] if b in matched else [] for b in range(batch)]
             looked, matched = [[] for _ in range(batch)], []
         if self.draft is not None and len(matched) < len(active):
             kind = "model"
@@ -505,7 +508,7 @@ class _Run:
             length = gen.num_draft_tokens or 0
         # drafting past every active row's budget only wastes work
         room = max(self._remaining(b) for b in active) - 1
-        return kind, max(0, min(length, room)), looked
+        return kind, max(0, min(length, room)), looked, unused
 
     def _lookup_pays(self, looked: list[list[int]], matched: list[int]) -> bool:
         """A :class:`Hybrid`'s choice (its docstring): whether this step uses the lookup's
@@ -652,7 +655,8 @@ class _Run:
         """One chain step (``plain``: a plain decoding step, nothing drafted)."""
         self.clock.switch("draft")
         started = time.perf_counter()
-        kind, num_draft, looked = (None, 0, [[]] * self.batch) if plain else self._plan()
+        kind, num_draft, looked, unused = ((None, 0, [[]] * self.batch, [[]] * self.batch)
+                                           if plain else self._plan())
         if kind == "model" and num_draft > 0 and not self.draft_prefilled:
             self._prefill_draft()
             self.clock.switch("draft")
@@ -684,8 +688,32 @@ class _Run:
             # accepted ones stay; rows that verified lookup tokens keep only the root
             self.draft.cached = [n + (min(a, num_draft - 1) if used else 0) for n, a, used
                                  in zip(self.root_lens, accepted, use_model)]
+        emitted = [o[:a + 1] for o, a in zip(out_list, accepted)]
         self._record(num_draft, draft_lens, accepted, kind, use_model)
-        return [o[:a + 1] for o, a in zip(out_list, accepted)]
+        self._learn_unused_lookup(unused, emitted)
+        return emitted
+
+    def _learn_unused_lookup(self, unused: list[list[int]], emitted: list[list[int]]) -> None:
+        """A :class:`Hybrid`'s lookup learns from the matches it did not use: how far each
+        agrees with the tokens the step emitted is how far it would have been accepted,
+        observed up to the emitted length (greedy: exactly; sampling: each agreement has
+        the target's probability of the proposed token, the acceptance probability of a
+        deterministic draft). Without this, a lookup that lost the comparison once would
+        keep its low estimates until a probe, even where the text starts copying its
+        prompt."""
+        control = self.controllers.get("lookup")
+        if control is None:
+            return
+        by_length: dict[int, list[int]] = {}       # observed length -> agreements
+        for b, proposal in enumerate(unused):
+            observed = min(len(proposal), len(emitted[b]))
+            if observed and not self.done[b]:
+                agree = 0
+                while agree < observed and proposal[agree] == emitted[b][agree]:
+                    agree += 1
+                by_length.setdefault(observed, []).append(agree)
+        for observed, agreements in by_length.items():
+            control.update(observed, agreements)
 
     def _learn_cost(self, cost: CostModel | None, num_draft: int, draft_seconds: float | None,
                     verify_seconds: float) -> None:

@@ -455,6 +455,34 @@ def test_hybrid_uses_a_match_only_where_it_pays(pair, monkeypatch, lookup_right)
             assert kinds["lookup"] - probes <= 8 and kinds["model"] >= 3 * kinds["lookup"], kinds
 
 
+def test_hybrid_lookup_learns_from_the_matches_it_did_not_use(pair, monkeypatch):
+    """A lookup that is always right but starts with low estimates (ten failed 8-token
+    steps) loses the comparison at first; its unused matches agree with the tokens the draft
+    model's steps emit, which raises its estimates until it wins, long before a probe (the
+    16th losing match) would have tried it."""
+    from specops import loop
+    monkeypatch.setattr(loop._Run, "_learn_cost", lambda self, *args: None)
+    target, draft = pair
+    vocab = target.config.vocab_size
+    row = prompts(vocab, [6], seed=7)[0]
+    new = 60
+    reference = hf_greedy(target, row, new)
+    gen = specops.SpeculativeGenerator(
+        target, specops.Hybrid(draft, _KnowingProposer(row, reference, True, vocab),
+                               min_match=1), eos_token_id=[])
+    verify = {1: 1.0, 2: 1.0, 9: 1.0, 13: 1.0}
+    gen.costs[1] = {"model": CostModel(dict(verify), 0.1), "lookup": CostModel(dict(verify), 0.0)}
+    gen.controllers = {kind: DraftLengthController(gen.costs[1][kind], most)
+                       for kind, most in gen.max_draft.items()}
+    for _ in range(10):
+        gen.controllers["lookup"].update(8, [0])
+    out = gen.generate(torch.tensor([row]), max_new_tokens=new)
+    assert_same_or_tie(target, row, out.sequences[0, 6:].tolist(), reference, "hybrid")
+    kinds = out.stats.step_kinds
+    assert 1 <= kinds["model"] < kinds["lookup"], kinds
+    assert gen.lookup_prober.count == 0, kinds
+
+
 @pytest.mark.parametrize("matches", [True, False])
 def test_hybrid_gives_each_kind_of_step_its_own_controller(pair, matches, monkeypatch):
     """A hybrid step where every row has a lookup match is chosen by the lookup controller
