@@ -15,7 +15,7 @@ rotated by one per (prompt, repetition), so the methods share the machine's nois
 | ``tree-fixed`` | the same tree with ``adaptive=False``: all 16 nodes every step (not in the default set) |
 | ``prompt-lookup`` | ``specops.generate(..., draft=PromptLookup(max_ngram=3))``, cost-aware length |
 | ``hybrid`` | ``specops.generate(..., draft=Hybrid(draft, PromptLookup()))``, cost-aware length |
-| ``hybrid-lookup-first`` | ``Hybrid(..., lookup_first=True)``: every match taken (not in the default set) |
+| ``hybrid-compare`` | ``Hybrid(..., compare=True)``: a match taken only where it pays (not in the default set) |
 
     python bench/bench_e2e.py --quick          # 2 prompts/category, 1 rep, 32 new tokens
     python bench/bench_e2e.py                  # 3 prompts/category, 2 reps, 96 new tokens
@@ -108,9 +108,9 @@ from specops import DynamicTree, Hybrid, PromptLookup, SpeculativeGenerator  # n
 
 BASE_METHODS = ("plain", "hf-plain", "hf-assisted", "chain-fixed", "chain-auto", "tree",
                 "prompt-lookup", "hybrid")
-EXTRA_METHODS = ("tree-fixed", "hybrid-lookup-first")   # named in --methods only
+EXTRA_METHODS = ("tree-fixed", "hybrid-compare")   # named in --methods only
 NEEDS_DRAFT = {"hf-assisted", "chain-auto", "tree", "tree-fixed", "hybrid",
-               "hybrid-lookup-first"}  # + chain-fixed-K
+               "hybrid-compare"}  # + chain-fixed-K
 TREE = DynamicTree(depth=4, top_k=4, num_nodes=16)
 SUMMARY_COLUMNS = [
     "date", "commit", "machine", "num_threads", "target", "draft", "draft_dtype", "category",
@@ -267,8 +267,8 @@ def make_methods(names: list[str], target, draft, opts: Options, args) -> dict:
             methods[name] = specops_method(PromptLookup(max_ngram=3))
         elif name == "hybrid":
             methods[name] = specops_method(Hybrid(draft, PromptLookup()))
-        elif name == "hybrid-lookup-first":
-            methods[name] = specops_method(Hybrid(draft, PromptLookup(), lookup_first=True))
+        elif name == "hybrid-compare":
+            methods[name] = specops_method(Hybrid(draft, PromptLookup(), compare=True))
     return methods
 
 

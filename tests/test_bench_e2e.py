@@ -146,9 +146,8 @@ def test_method_names():
     assert bench_e2e.method_names("plain,chain-fixed,chain-fixed-6,tree,tree-fixed", 3) == [
         "plain", "chain-fixed-3", "chain-fixed-6", "tree", "tree-fixed"]
     assert "tree-fixed" not in bench_e2e.method_names(None, 4)     # opt-in
-    assert "hybrid-lookup-first" not in bench_e2e.method_names(None, 4)
-    assert bench_e2e.method_names("hybrid,hybrid-lookup-first", 4) == [
-        "hybrid", "hybrid-lookup-first"]
+    assert "hybrid-compare" not in bench_e2e.method_names(None, 4)
+    assert bench_e2e.method_names("hybrid,hybrid-compare", 4) == ["hybrid", "hybrid-compare"]
     with pytest.raises(SystemExit, match="unknown method 'bush'"):
         bench_e2e.method_names("bush", 4)
 

@@ -420,12 +420,13 @@ class _KnowingProposer:
 
 @pytest.mark.parametrize("lookup_right", [True, False])
 def test_hybrid_uses_a_match_only_where_it_pays(pair, monkeypatch, lookup_right):
-    """Given cost models (flat verify costs, 0.1 s per draft-model token; no timing learnt):
-    a lookup that is always right beats the draft model at every step; one that is always
+    """``Hybrid(compare=True)``, given cost models (flat verify costs, 0.1 s per draft-model
+    token; no timing learnt): a lookup that is always right beats the draft model at every
+    step; one that is always
     wrong loses to it after a few steps (its acceptance estimate falls from the 0.7 prior)
     and is then tried only as a probe every 16th step where it matched (the two pairs' drafts
     accept at different rates, so where the switch comes differs). With
-    ``lookup_first=True`` every step takes the match. Output: the target's greedy one."""
+    ``compare=False`` (default) every step takes the match. Output: the target's greedy one."""
     from specops import loop
     monkeypatch.setattr(loop._Run, "_learn_cost", lambda self, *args: None)
     target, draft = pair
@@ -433,10 +434,10 @@ def test_hybrid_uses_a_match_only_where_it_pays(pair, monkeypatch, lookup_right)
     row = prompts(vocab, [6], seed=7)[0]
     new = 60
     reference = hf_greedy(target, row, new)
-    for lookup_first in (False, True):
+    for compare in (True, False):
         lookup = _KnowingProposer(row, reference, lookup_right, vocab)
         gen = specops.SpeculativeGenerator(
-            target, specops.Hybrid(draft, lookup, min_match=1, lookup_first=lookup_first),
+            target, specops.Hybrid(draft, lookup, min_match=1, compare=compare),
             eos_token_id=[])
         verify = {1: 1.0, 2: 1.0, 9: 1.0, 13: 1.0}
         gen.costs[1] = {"model": CostModel(dict(verify), 0.1),
@@ -444,7 +445,7 @@ def test_hybrid_uses_a_match_only_where_it_pays(pair, monkeypatch, lookup_right)
         out = gen.generate(torch.tensor([row]), max_new_tokens=new)
         assert_same_or_tie(target, row, out.sequences[0, 6:].tolist(), reference, "hybrid")
         kinds = out.stats.step_kinds
-        if lookup_right or lookup_first:
+        if lookup_right or not compare:
             assert kinds["lookup"] >= out.stats.steps - 1, kinds   # the last may be cut short
             assert gen.lookup_prober.count == 0
         else:
@@ -469,7 +470,7 @@ def test_hybrid_lookup_learns_from_the_matches_it_did_not_use(pair, monkeypatch)
     reference = hf_greedy(target, row, new)
     gen = specops.SpeculativeGenerator(
         target, specops.Hybrid(draft, _KnowingProposer(row, reference, True, vocab),
-                               min_match=1), eos_token_id=[])
+                               min_match=1, compare=True), eos_token_id=[])
     verify = {1: 1.0, 2: 1.0, 9: 1.0, 13: 1.0}
     gen.costs[1] = {"model": CostModel(dict(verify), 0.1), "lookup": CostModel(dict(verify), 0.0)}
     gen.controllers = {kind: DraftLengthController(gen.costs[1][kind], most)
@@ -497,8 +498,7 @@ def test_hybrid_gives_each_kind_of_step_its_own_controller(pair, matches, monkey
     monkeypatch.setattr(DraftRunner, "prefill",
                         lambda runner, rows: prefills.append(rows) or real_prefill(runner, rows))
     gen = specops.SpeculativeGenerator(
-        target, specops.Hybrid(draft, _FixedProposer(matches), min_match=1, lookup_first=True),
-        eos_token_id=[])
+        target, specops.Hybrid(draft, _FixedProposer(matches), min_match=1), eos_token_id=[])
     out = gen.generate(torch.tensor([row]), max_new_tokens=NEW)
     assert_same_or_tie(target, row, out.sequences[0, 6:].tolist(), hf_greedy(target, row, NEW),
                        "hybrid")

@@ -88,8 +88,9 @@ def drafters(draft):
         "hybrid": dict(draft=specops.Hybrid(draft, specops.PromptLookup(max_ngram=2),
                                             min_match=2), num_draft_tokens=2),
         # cost-aware lengths, and a choice of drafter per step from past acceptance
-        "hybrid, cost-aware": dict(draft=specops.Hybrid(draft, specops.PromptLookup(max_ngram=2),
-                                                        min_match=1), max_draft_tokens=3),
+        "hybrid, cost-aware, compare": dict(
+            draft=specops.Hybrid(draft, specops.PromptLookup(max_ngram=2), min_match=1,
+                                 compare=True), max_draft_tokens=3),
     }
 
 
