@@ -390,3 +390,16 @@ def test_plot_takes_each_case_from_its_newest_run():
     rows = [dict(date="2026-01-02", k="a", v=1), dict(date="2026-01-03", k="a", v=2),
             dict(date="2026-01-01", k="b", v=3)]
     assert sorted(r["v"] for r in plot.newest(rows, lambda r: r["k"])) == [2, 3]
+
+
+def test_plot_reads_a_run_under_todays_method_names(tmp_path):
+    """A run recorded while a method name meant something else is read under today's name
+    (plot.METHOD_RENAMES); other files keep theirs."""
+    import plot
+    for stem in ("e2e_20261127T085807Z_summary", "e2e_20990101T000000Z_summary"):
+        (tmp_path / f"{stem}.csv").write_text(
+            "category,method\ncode,hybrid\ncode,hybrid-lookup-first\ncode,plain\n")
+    renamed = plot.read_csv(tmp_path / "e2e_20261127T085807Z_summary.csv")
+    assert [r["method"] for r in renamed] == ["hybrid-compare", "hybrid", "plain"]
+    kept = plot.read_csv(tmp_path / "e2e_20990101T000000Z_summary.csv")
+    assert [r["method"] for r in kept] == ["hybrid", "hybrid-lookup-first", "plain"]
