@@ -418,31 +418,35 @@ class _KnowingProposer:
         return out
 
 
-@pytest.mark.parametrize("lookup_right", [True, False])
-def test_hybrid_uses_a_match_only_where_it_pays(pair, monkeypatch, lookup_right):
-    """``Hybrid(compare=True)``, given cost models (flat verify costs, 0.1 s per draft-model
-    token; no timing learnt): a lookup that is always right beats the draft model at every
-    step; one that is always
-    wrong loses to it after a few steps (its acceptance estimate falls from the 0.7 prior)
-    and is then tried only as a probe every 16th step where it matched (the two pairs' drafts
-    accept at different rates, so where the switch comes differs). With
-    ``compare=False`` (default) every step takes the match. Output: the target's greedy one."""
+def _scripted_hybrid(pair, monkeypatch, lookup_right: bool, compare: bool):
+    """A Hybrid over a :class:`_KnowingProposer` with given cost models that steps do not
+    refine (flat verify costs, 0.1 s per draft-model token, free lookups): the generator,
+    the target, the prompt and the target's greedy continuation of 60 tokens."""
     from specops import loop
     monkeypatch.setattr(loop._Run, "_learn_cost", lambda self, *args: None)
     target, draft = pair
     vocab = target.config.vocab_size
     row = prompts(vocab, [6], seed=7)[0]
-    new = 60
-    reference = hf_greedy(target, row, new)
+    reference = hf_greedy(target, row, 60)
+    gen = specops.SpeculativeGenerator(
+        target, specops.Hybrid(draft, _KnowingProposer(row, reference, lookup_right, vocab),
+                               min_match=1, compare=compare), eos_token_id=[])
+    verify = {1: 1.0, 2: 1.0, 9: 1.0, 13: 1.0}
+    gen.costs[1] = {"model": CostModel(dict(verify), 0.1), "lookup": CostModel(dict(verify), 0.0)}
+    return gen, target, row, reference
+
+
+@pytest.mark.parametrize("lookup_right", [True, False])
+def test_hybrid_uses_a_match_only_where_it_pays(pair, monkeypatch, lookup_right):
+    """``Hybrid(compare=True)`` with given cost models (:func:`_scripted_hybrid`): a lookup
+    that is always right beats the draft model at every step; one that is always wrong loses
+    to it after a few steps (its acceptance estimate falls from the 0.7 prior) and is then
+    tried only as a probe every 16th step where it matched (the two pairs' drafts accept at
+    different rates, so where the switch comes differs). With ``compare=False`` (default)
+    every step takes the match. Output: the target's greedy one."""
     for compare in (True, False):
-        lookup = _KnowingProposer(row, reference, lookup_right, vocab)
-        gen = specops.SpeculativeGenerator(
-            target, specops.Hybrid(draft, lookup, min_match=1, compare=compare),
-            eos_token_id=[])
-        verify = {1: 1.0, 2: 1.0, 9: 1.0, 13: 1.0}
-        gen.costs[1] = {"model": CostModel(dict(verify), 0.1),
-                        "lookup": CostModel(dict(verify), 0.0)}
-        out = gen.generate(torch.tensor([row]), max_new_tokens=new)
+        gen, target, row, reference = _scripted_hybrid(pair, monkeypatch, lookup_right, compare)
+        out = gen.generate(torch.tensor([row]), max_new_tokens=len(reference))
         assert_same_or_tie(target, row, out.sequences[0, 6:].tolist(), reference, "hybrid")
         kinds = out.stats.step_kinds
         if lookup_right or not compare:
@@ -461,23 +465,12 @@ def test_hybrid_lookup_learns_from_the_matches_it_did_not_use(pair, monkeypatch)
     steps) loses the comparison at first; its unused matches agree with the tokens the draft
     model's steps emit, which raises its estimates until it wins, long before a probe (the
     16th losing match) would have tried it."""
-    from specops import loop
-    monkeypatch.setattr(loop._Run, "_learn_cost", lambda self, *args: None)
-    target, draft = pair
-    vocab = target.config.vocab_size
-    row = prompts(vocab, [6], seed=7)[0]
-    new = 60
-    reference = hf_greedy(target, row, new)
-    gen = specops.SpeculativeGenerator(
-        target, specops.Hybrid(draft, _KnowingProposer(row, reference, True, vocab),
-                               min_match=1, compare=True), eos_token_id=[])
-    verify = {1: 1.0, 2: 1.0, 9: 1.0, 13: 1.0}
-    gen.costs[1] = {"model": CostModel(dict(verify), 0.1), "lookup": CostModel(dict(verify), 0.0)}
+    gen, target, row, reference = _scripted_hybrid(pair, monkeypatch, True, compare=True)
     gen.controllers = {kind: DraftLengthController(gen.costs[1][kind], most)
                        for kind, most in gen.max_draft.items()}
     for _ in range(10):
         gen.controllers["lookup"].update(8, [0])
-    out = gen.generate(torch.tensor([row]), max_new_tokens=new)
+    out = gen.generate(torch.tensor([row]), max_new_tokens=len(reference))
     assert_same_or_tie(target, row, out.sequences[0, 6:].tolist(), reference, "hybrid")
     kinds = out.stats.step_kinds
     assert 1 <= kinds["model"] < kinds["lookup"], kinds
