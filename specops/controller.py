@@ -137,6 +137,11 @@ def _check_decay_and_probe(name: str, decay: float, probe_every: int) -> None:
         raise ValueError(f"{name}: probe_every must be >= 1, got {probe_every}")
 
 
+# Default of every probing rule (both controllers, Hybrid(compare=True)): the choice without
+# data is overridden once per this many consecutive steps.
+PROBE_EVERY = 16
+
+
 class Prober:
     """The probing rule of both controllers (and of :class:`specops.Hybrid`'s choice of
     drafter): counts consecutive steps where the choice without data (plain decoding, the
@@ -197,7 +202,7 @@ class DraftLengthController:
 
     def __init__(self, cost: CostModel, max_draft: int, *, candidates: Sequence[int] | None = None,
                  prior_acceptance: float = 0.7, prior_weight: float = 4.0, decay: float = 0.98,
-                 probe_every: int = 16):
+                 probe_every: int = PROBE_EVERY):
         name = "DraftLengthController"
         if max_draft < 0:
             raise ValueError(f"{name}: max_draft must be >= 0, got {max_draft}")
@@ -348,7 +353,7 @@ class TreeSizeController:
     """
 
     def __init__(self, cost: CostModel, growth_seconds: float, max_nodes: int, *,
-                 decay: float = 0.9, probe_every: int = 16):
+                 decay: float = 0.9, probe_every: int = PROBE_EVERY):
         name = "TreeSizeController"
         if max_nodes < 2:
             raise ValueError(f"{name}: max_nodes must be >= 2, got {max_nodes}")

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .controller import CostModel, DraftLengthController, Prober, TreeSizeController
+from .controller import (PROBE_EVERY, CostModel, DraftLengthController, Prober,
+                         TreeSizeController)
 from .draft_model import DraftRunner, fit_vocab
 from .graphs import GraphedStep, graph_backend
 from .kv_ops import kv_commit
@@ -294,7 +295,7 @@ class SpeculativeGenerator:
         self.pad_token_id = pad_token_id if pad_token_id is not None else min(self.eos, default=0)
         self.controllers: dict[str, DraftLengthController] = {}
         self.tree_controller: TreeSizeController | None = None
-        self.lookup_prober = Prober(16)     # Hybrid(compare=True): a match not paying
+        self.lookup_prober = Prober(PROBE_EVERY)    # Hybrid(compare=True): a match not paying
         # batch size -> kind of step ("model", "lookup", "tree") -> its cost model: a verify
         # pass over B rows costs more than over one, so each batch size is measured apart
         self.costs: dict[int, dict[str, CostModel]] = {}
