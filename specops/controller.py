@@ -24,8 +24,9 @@ class CostModel:
     A step drafting ``g > 0`` tokens costs ``draft_fixed_seconds + g * draft_step_seconds``
     of drafting (the fixed part: the draft model catching up on the tokens the last step
     emitted, one forward over two tokens per row after a full acceptance; on the CPU that
-    forward can cost nearly twice a one-token one) plus ``verify_seconds(g + 1)`` plus ``overhead_seconds``;
-    ``g = 0`` (plain decoding) costs ``verify_seconds(1) + overhead_seconds``.
+    forward can cost nearly twice a one-token one) plus ``verify_seconds(g + 1)`` plus
+    ``overhead_seconds``; ``g = 0`` (plain decoding) costs ``verify_seconds(1) +
+    overhead_seconds``.
 
     Args:
         verify_seconds: Measured target cost of one step that scores ``n`` tokens per row,
