@@ -30,10 +30,13 @@ class CostModel:
 
     Args:
         verify_seconds: Measured target cost of one step that scores ``n`` tokens per row,
-            keyed by ``n >= 1``, values ``> 0``. Between measured ``n`` it is interpolated
-            linearly; above the largest it extends the line through the last two, with the slope
-            clamped at ``>= 0`` so that noise never makes more tokens cheaper; below the smallest
-            (and everywhere, with one measurement) it is flat.
+            keyed by ``n >= 1``, values ``> 0``. Scoring more tokens never costs less and a
+            timer only ever adds, so each ``n`` is taken to cost at most the least that any
+            larger ``n`` measured: one high reading (a step the machine interrupted, often a
+            length tried once) would otherwise price the lengths around it out until they are
+            tried again, which the controller then avoids doing. Between measured ``n`` it is
+            interpolated linearly; above the largest it extends the line through the last two;
+            below the smallest (and everywhere, with one measurement) it is flat.
         draft_step_seconds: One more draft token, ``>= 0`` (0 for prompt lookup).
         overhead_seconds: A fixed per-step cost (sampling, bookkeeping), ``>= 0``.
         draft_fixed_seconds: The fixed part of a drafting step, ``>= 0``.
@@ -63,11 +66,12 @@ class CostModel:
     def verify(self, num_tokens: int) -> float:
         """Interpolated target cost of a step that scores ``num_tokens`` tokens per row."""
         ns = sorted(self.verify_seconds)
-        secs = [self.verify_seconds[n] for n in ns]
+        # more tokens never cost less: each size at most what any larger one measured
+        secs = np.minimum.accumulate([self.verify_seconds[n] for n in reversed(ns)])[::-1]
         if num_tokens <= ns[-1] or len(ns) == 1:
             return float(np.interp(num_tokens, ns, secs))  # flat outside [ns[0], ns[-1]]
-        slope = max(0.0, (secs[-1] - secs[-2]) / (ns[-1] - ns[-2]))
-        return secs[-1] + slope * (num_tokens - ns[-1])
+        slope = (secs[-1] - secs[-2]) / (ns[-1] - ns[-2])  # >= 0: secs never decrease
+        return float(secs[-1] + slope * (num_tokens - ns[-1]))
 
     def draft_seconds(self, num_draft: int) -> float:
         """Seconds of drafting ``num_draft >= 0`` tokens per row (0 for none)."""

@@ -200,6 +200,18 @@ def test_verify_seconds_edges_and_step_seconds():
     assert CostModel({1: 1.0, 2: 0.9}, 0.0).verify(10) == pytest.approx(0.9)
 
 
+def test_verify_seconds_never_fall_with_more_tokens():
+    """A size costs at most what a larger one measured: one high reading (say, a length tried
+    once while the machine was busy) cannot price the lengths around it out."""
+    cost = CostModel({1: 1.0, 2: 1.1, 4: 9.0, 5: 1.3}, draft_step_seconds=0.0)
+    assert cost.verify(4) == pytest.approx(1.3)
+    assert cost.verify(3) == pytest.approx(1.2)          # between 2 (1.1) and 4 (now 1.3)
+    assert cost.verify(1) == pytest.approx(1.0)          # lower readings stand
+    assert cost.verify_seconds[4] == 9.0                 # the data are kept as measured
+    # at full acceptance, 3 draft tokens (4 scored) are the best choice, not 1
+    assert DraftLengthController(cost, 3, prior_acceptance=1.0).best()[0] == 3
+
+
 @pytest.mark.parametrize("kwargs, name", [
     (dict(max_draft=-1), "max_draft"),
     (dict(decay=0.0), "decay"),
