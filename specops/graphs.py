@@ -42,23 +42,41 @@ def graph_backend(device: torch.device | str) -> str | None:
     return kind if kind in _BACKENDS else None
 
 
+class _CudaGraph:
+    """A captured ``torch.cuda.CUDAGraph``, replayed with its own device current: a model on
+    ``cuda:1`` while ``cuda:0`` is current would otherwise launch onto the wrong device's
+    stream."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, device: torch.device):
+        self.graph, self.device = graph, device
+
+    def replay(self) -> None:
+        with torch.cuda.device(self.device):
+            self.graph.replay()
+
+
 class _CudaGraphs:
-    """Capture with ``torch.cuda.CUDAGraph``."""
+    """Capture with ``torch.cuda.CUDAGraph``, on the device of the step's inputs."""
 
     def capture(self, fn: Callable[..., Tensor], static_inputs: list[Tensor],
-                warmup: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-        # warm-up on a side stream, as PyTorch's CUDA-graph notes ask: Triton compiles and
-        # the caching allocator's first allocations stay out of the capture
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                fn(*static_inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), _checks.graph_capture():
-            static_output = fn(*static_inputs)
-        return graph, static_output
+                warmup: int) -> tuple[_CudaGraph, Tensor]:
+        device = static_inputs[0].device
+        # streams are per device: make the inputs' device current while creating them
+        with torch.cuda.device(device):
+            # warm-up on a side stream, as PyTorch's CUDA-graph notes ask: Triton compiles
+            # and the caching allocator's first allocations stay out of the capture
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    fn(*static_inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # captured on that side stream (this device's), not torch.cuda.graph's shared
+            # default, which is created once on whichever device was current at the time
+            with torch.cuda.graph(graph, stream=side), _checks.graph_capture():
+                static_output = fn(*static_inputs)
+        return _CudaGraph(graph, device), static_output
 
 
 class _HpuGraphs:

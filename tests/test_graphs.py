@@ -4,9 +4,16 @@ import pytest
 import torch
 
 import specops
-from loop_models import noisy_copy, tiny_model
+from loop_models import tiny_pair
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def cuda_pair():
+    """The tiny target and its noisy-copy draft, built on the CPU and then moved: the copy's
+    noise is a CPU draw, which cannot be added to CUDA weights."""
+    target, draft = tiny_pair("qwen2")
+    return target.cuda(), draft.cuda()
 
 
 @pytest.mark.parametrize("options", [
@@ -16,8 +23,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
     dict(tree=specops.StaticTree((2, 2)), temperature=1.0, seed=7),
 ])
 def test_graph_replay_equals_eager(options):
-    target = tiny_model("qwen2", seed=3).cuda()
-    draft = noisy_copy(target, noise=0.1)
+    target, draft = cuda_pair()
     ids = torch.randint(2, 64, (3, 6), generator=torch.Generator().manual_seed(0)).cuda()
     runs = [specops.generate(target, ids, draft=draft, max_new_tokens=24, eos_token_id=[],
                              cuda_graphs=graphs, **options) for graphs in (False, True)]
@@ -27,8 +33,7 @@ def test_graph_replay_equals_eager(options):
 def test_graphs_capture_with_full_checks():
     """At check level "full" the eager calls read values on the host (a sync); the capture
     must run without them, or CUDA refuses the sync inside it."""
-    target = tiny_model("qwen2", seed=3).cuda()
-    draft = noisy_copy(target, noise=0.1)
+    target, draft = cuda_pair()
     ids = torch.randint(2, 64, (2, 5), generator=torch.Generator().manual_seed(1)).cuda()
     before = specops.get_checks()
     specops.set_checks("full")
