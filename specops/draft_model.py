@@ -70,6 +70,11 @@ class DraftRunner:
         # the autoregressive one-token step, the same shape every time: graphed on CUDA/HPU
         self._one_token = GraphedStep(one_token, device=self.device) if graphs else one_token
 
+    def reset(self) -> None:
+        """Forgets every row (a new call reusing this runner and its graphs): the cache's
+        old entries lie past each row's length, never attended, and are overwritten."""
+        self.cached = [0] * len(self.cached)
+
     def _lens(self, values: list[int]) -> Tensor:
         return torch.tensor(values, dtype=torch.int32, device=self.device)
 

@@ -218,7 +218,13 @@ class SpeculativeGenerator:
             device graphs captured once per shape (:mod:`specops.graphs`): CUDA graphs on
             CUDA, and HPU graphs through ``habana_frameworks.torch`` on Intel Gaudi
             (untested on hardware); ignored on CPU. Off by default until it has been
-            verified on a GPU.
+            verified on a GPU. The graphs replay into KV caches at fixed addresses, so the
+            generator keeps the last call's caches and graphs and the next call with the
+            same batch size and no more room needed (prompt + ``max_new_tokens``) reuses
+            them without capturing again; another call replaces them (one set is kept, as
+            a cache for a large batch can take gigabytes). :meth:`release_graphs` frees
+            them. :func:`specops.generate` builds a new generator each call, so it
+            captures every time: reuse a generator to capture once.
 
     Attributes:
         costs: ``{batch size: {kind: CostModel}}``, the cost models of the cost-aware choices,
@@ -301,6 +307,12 @@ class SpeculativeGenerator:
         self.costs: dict[int, dict[str, CostModel]] = {}
         self.cost: CostModel | None = None
         self.cuda_graphs = bool(cuda_graphs)
+        self._graphed: _GraphedCaches | None = None
+
+    def release_graphs(self) -> None:
+        """Frees the KV caches and device graphs kept from the last call with ``cuda_graphs``
+        (the next such call captures again)."""
+        self._graphed = None
 
     def reset_estimates(self) -> None:
         """Forgets what the controllers learnt about acceptance (the draft-length estimates,
@@ -386,6 +398,36 @@ def _refuse(unsupported: dict) -> None:
         raise TypeError(f"generate: {why}: {names}")
 
 
+@dataclass
+class _GraphedCaches:
+    """A call's KV caches and the steps that run on them: the target's verify forward and
+    the draft model's runner, graphed when ``graphs`` (see ``cuda_graphs`` of
+    :class:`SpeculativeGenerator`, which keeps these across calls then). Hugging Face's eager
+    forward (the fallback for other architectures) is never graphed."""
+
+    batch: int
+    capacity: int
+    cache: object
+    verify_forward: Callable[..., Tensor]
+    draft: DraftRunner | None
+
+    @classmethod
+    def build(cls, gen: SpeculativeGenerator, batch: int, capacity: int,
+              graphs: bool) -> "_GraphedCaches":
+        target = gen.target
+        cache = target.new_cache(batch, capacity)
+        draft = (DraftRunner(gen.draft, batch, capacity, target.vocab_size,
+                             graphs=graphs and gen.draft.graph_safe)
+                 if gen.draft is not None else None)
+
+        def verify_forward(tokens, lens, positions, mask=None):
+            return target(tokens, cache, lens, positions, mask)
+
+        if graphs and target.graph_safe:
+            verify_forward = GraphedStep(verify_forward, device=target.device)
+        return cls(batch, capacity, cache, verify_forward, draft)
+
+
 class _Run:
     """The state of one ``generate`` call."""
 
@@ -399,20 +441,20 @@ class _Run:
         self.device = gen.target.device
         tree = gen.tree
         lookahead = (tree.num_nodes if tree else gen.max_draft_tokens + 1) + 1
-        self.capacity = max(self.prompt_lens) + max_new_tokens + lookahead
-        self.cache = gen.target.new_cache(self.batch, self.capacity)
-        # Hugging Face's eager forward (the fallback for other architectures) is never graphed
+        capacity = max(self.prompt_lens) + max_new_tokens + lookahead
         graphs = gen.cuda_graphs and graph_backend(self.device) is not None
-        self.draft = (DraftRunner(gen.draft, self.batch, self.capacity, gen.target.vocab_size,
-                                  graphs=graphs and gen.draft.graph_safe)
-                      if gen.draft is not None else None)
-        cache, target = self.cache, gen.target
-
-        def verify_forward(tokens, lens, positions, mask=None):
-            return target(tokens, cache, lens, positions, mask)
-
-        self.verify_forward = (GraphedStep(verify_forward, device=self.device)
-                               if graphs and target.graph_safe else verify_forward)
+        kept = gen._graphed
+        if graphs and kept is not None and kept.batch == self.batch and kept.capacity >= capacity:
+            caches = kept
+            if caches.draft is not None:
+                caches.draft.reset()
+        else:
+            gen._graphed = None                      # free the old caches before allocating
+            caches = _GraphedCaches.build(gen, self.batch, capacity, graphs)
+            if graphs:
+                gen._graphed = caches
+        self.capacity, self.cache = caches.capacity, caches.cache
+        self.verify_forward, self.draft = caches.verify_forward, caches.draft
         self.seeds = gen.seed + torch.arange(self.batch, dtype=torch.int64, device=self.device)
         self.stats = GenerationStats()
         self.controllers: dict[str, DraftLengthController] = {}   # set up by loop()

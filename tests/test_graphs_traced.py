@@ -148,3 +148,39 @@ def test_replay_output_is_overwritten(cpu_graphs):
     first = graphed(torch.tensor([1.0]))
     second = graphed(torch.tensor([3.0]))
     assert second is first and first.tolist() == [6.0]
+
+
+@pytest.mark.parametrize("options", [
+    dict(num_draft_tokens=3),
+    dict(tree=specops.StaticTree((2, 2)), temperature=1.0, seed=7),
+])
+def test_a_generator_keeps_its_graphs_between_calls(pair, cpu_graphs, options):
+    """A reused generator keeps its graphed steps: a second call of the same batch size that
+    needs no more room replays them on the first call's caches (whose old entries lie past
+    every row's length), capturing only step shapes it had not met (a draft cut shorter
+    near the end), and gives the same tokens as eager decoding; a call needing more room,
+    or another batch size, builds new ones; release_graphs frees them."""
+    target, draft = pair
+    vocab = target.config.vocab_size
+    gen = specops.SpeculativeGenerator(target, draft, eos_token_id=[], cuda_graphs=True,
+                                       **options)
+    eager = specops.SpeculativeGenerator(target, draft, eos_token_id=[], **options)
+
+    def both(lengths, new, seed):
+        """(graphed steps built so far, captures so far) after one call of each generator."""
+        ids, mask = padded(prompts(vocab, lengths, seed=seed), "left")
+        runs = [g.generate(ids, mask, max_new_tokens=new) for g in (gen, eager)]
+        assert torch.equal(runs[0].sequences, runs[1].sequences), (lengths, new)
+        return len(cpu_graphs), sum(g.captures for g in cpu_graphs)
+
+    steps, captures = both([5, 1, 9], NEW, seed=1)
+    kept = gen._graphed
+    assert steps == 2 and captures > 0           # the target's verify and the draft's step
+    again = both([7, 3, 2], NEW, seed=2)
+    assert again[0] == steps and again[1] - captures < captures and gen._graphed is kept
+    assert both([4, 9, 6], NEW - 5, seed=3)[0] == steps and gen._graphed is kept
+    assert both([9, 9, 30], NEW, seed=4)[0] == steps + 2      # more room: new caches
+    assert gen._graphed is not kept
+    assert both([5, 2], NEW, seed=5)[0] == steps + 4          # another batch size
+    gen.release_graphs()
+    assert gen._graphed is None and eager._graphed is None   # without graphs nothing is kept
