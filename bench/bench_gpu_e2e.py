@@ -17,8 +17,8 @@ random other token otherwise, so with greedy verification each draft token is ac
 probability exactly ``alpha`` given the ones before it. It still pays a real draft model's
 cost: every step it runs the draft model's forward (one token per row, over a static KV cache
 as long as the row) once per draft position and discards the logits. The target's greedy
-continuation comes from running plain greedy decoding once per batch (which is also the
-``specops-plain`` baseline) and indexing it by each row's length. The drafter checks every row
+continuation comes from running specops plain greedy decoding (eager) once per batch and
+indexing it by each row's length. The drafter checks every row
 against that recording and counts rows that left it (``drift_rows``): a bfloat16 near-tie
 decided differently by a 1-token and a (g+1)-token forward would do that. To make such ties
 impossible, the target's ``lm_head`` is a copy of its input embedding and every attention and
@@ -31,28 +31,57 @@ The drafter plugs into ``specops.generate`` as a draftless proposer: the loop ha
 drafter base class yet, so it subclasses ``specops.PromptLookup`` (whose ``propose(rows,
 num_draft)`` the loop calls during the draft phase, timed as draft).
 
+CUDA graphs (``--graphs``, default ``auto``: on where the device has graphs, which is CUDA;
+``on`` refuses a device without them; ``off``): with graphs on, ``specops.generate`` runs with
+``cuda_graphs=True``, which replays the target's verify forward (in plain decoding: each
+one-token decode step) from a CUDA graph per input shape; the prefill stays eager. On the CPU
+there are no graphs (``cuda_graphs=True`` would silently run eagerly), so ``auto`` turns them
+off there and no row claims them. They are also off, with a printed note, for a target whose
+specops forward the loop never graphs (``graph_safe`` false: a model without specops' compact
+forward). The ``graphs`` column says which mode a specops row ran in (empty for the Hugging
+Face rows: specops' ``cuda_graphs`` does not apply to them, though transformers' compiled
+static-cache path may use CUDA graphs of its own through ``torch.compile``'s
+"reduce-overhead" mode). Each measurement reuses one ``specops.SpeculativeGenerator``, which
+keeps its caches and graphs between calls of the same batch size and room (``cuda_graphs`` in
+its docstring); with graphs, one untimed call captures them and the timed calls replay them,
+as an engine serving requests would (``specops.generate`` alone would capture at every
+call). The synthetic drafter's draft-model forwards are never
+graphed (they run in the drafter, outside the loop's graphed steps), so in ``loop`` rows with
+graphs only the target's verify forward is replayed from a graph.
+
 Measured, for each batch size in ``--batches``:
 - ``verify_cost``: the target's forward (specops' static-cache forward, the one the loop uses)
-  of ``n = 1..9`` tokens per row after a ``--prompt-len`` prefix: ``T(n)``.
-- ``draft_cost``: the draft model's forward of one token per row: ``T_draft``.
-- ``baseline``: ``specops-plain`` (the loop without a draft), ``hf-eager`` (transformers
-  ``generate``, dynamic cache) and ``hf-static`` (``cache_implementation="static"``, compiled by
-  transformers' automatic ``torch.compile`` on CUDA; its first call compiles and is timed
-  separately as ``compile_seconds``; ``--no-compile`` or a CPU run leaves it eager).
+  of ``n = 1..9`` tokens per row after a ``--prompt-len`` prefix: ``T(n)`` (eager).
+- ``draft_cost``: the draft model's forward of one token per row: ``T_draft`` (eager).
+- ``baseline``, in this order: ``specops-plain`` (the loop without a draft, draft length 0,
+  eager), ``specops-plain-graphs`` (the same with ``cuda_graphs=True``; only with graphs on),
+  ``hf-eager`` (transformers ``generate``, dynamic cache) and ``hf-static``
+  (``cache_implementation="static"``, compiled by transformers' automatic ``torch.compile`` on
+  CUDA, then named ``hf-static-compiled``; its first call compiles and is timed separately as
+  ``compile_seconds``; ``--no-compile`` or a CPU run leaves it eager). The two specops rows
+  carry ``speedup_vs_hf_static`` too, and a line ``plain decoding, batch B: ...`` printed after
+  the baselines compares the four.
 - ``loop``: tokens/s of ``specops.generate(target, ids, draft=SyntheticDrafter(alpha),
-  num_draft_tokens=g)`` for alpha in ``--alphas`` and g in ``--draft-lengths``, with the
-  ceiling ``B (1 - a^(g+1)) / (1 - a)`` tokens per ``g T_draft + T(g+1)`` seconds, the measured
-  mean emitted tokens per step against its expectation, and the speedup over ``specops-plain``
-  and ``hf-static`` of the same run. The last step of a row is cut at ``max_new_tokens``, so at
-  short runs the measured tau sits a little below the expectation even at alpha = 1.
+  num_draft_tokens=g)`` (with ``cuda_graphs=True`` when graphs are on) for alpha in
+  ``--alphas`` and g in ``--draft-lengths``, with the ceiling ``B (1 - a^(g+1)) / (1 - a)``
+  tokens per ``g T_draft + T(g+1)`` seconds (eager forward costs, so with graphs a row may
+  exceed it), the measured mean emitted tokens per step against its expectation, and the
+  speedup over the specops plain baseline of the same mode (``specops-plain-graphs`` when
+  graphs are on, else ``specops-plain``) and over ``hf-static`` of the same run. The last step
+  of a row is cut at ``max_new_tokens``, so at short runs the measured tau sits a little below
+  the expectation even at alpha = 1.
 
 Every row is generated with ``max_new_tokens`` (``--new-tokens``) and no stop token, from random
 prompts of ``--prompt-len`` tokens (one per row). ``--budget-s`` (default 230) bounds the whole
-invocation: a measurement that would start with less than ``--min-left-s`` left is recorded as
-skipped instead. A configuration is one pair at one batch size, one invocation each, so that
-each stays under 4 minutes on an H100 (not yet measured on a GPU: the budget guards it; the
-compiled Hugging Face baseline's first call, ``torch.compile`` of the whole target, is likely
-the largest single item and is recorded as ``compile_seconds``):
+invocation: a baseline or loop measurement that would start with less than ``--min-left-s``
+left is recorded as skipped instead (the forward costs and the recording of the greedy
+continuation always run once a batch has started; a measurement that has started runs to its
+end, so the invocation may overrun the budget by one measurement). A configuration is one pair
+at one batch size, one invocation each, so that each stays under 4 minutes on an H100 (not
+yet measured on a GPU: the budget guards it; the compiled Hugging Face baseline's first call,
+``torch.compile`` of the whole target, is likely the largest single item and is recorded as
+``compile_seconds``). ``bench/run_gpu.sh`` runs the plain-decoding target's configuration:
+``--pair qwen2.5-1.5b --batches 1`` with a short alpha and draft-length set.
 
     for b in 1 4 16 64; do python bench/bench_gpu_e2e.py --pair llama3-8b --batches $b; done
     for b in 1 4 16 64; do python bench/bench_gpu_e2e.py --pair qwen2.5-1.5b --batches $b; done
@@ -61,11 +90,14 @@ the largest single item and is recorded as ``compile_seconds``):
 
 Output: ``bench/results/gpu_e2e/gpu_e2e_<pair>_<UTC date-time>.json`` (header + every
 measurement, skipped ones included) and ``.csv`` (one row per measurement, ``section`` column).
+Every row is also printed as it is measured, so a run killed by a timeout leaves its rows in
+its log.
 """
 
 import argparse
 import csv
 import datetime
+import functools
 import json
 import platform
 import shlex
@@ -84,6 +116,7 @@ from bench_ops import git_commit, machine  # noqa: E402
 
 import specops  # noqa: E402
 from specops import PromptLookup  # noqa: E402
+from specops.graphs import graph_backend  # noqa: E402
 from specops.models import causal_lm  # noqa: E402
 
 # Shapes of the public configs (config.json of each checkpoint); rope scaling and special
@@ -110,7 +143,7 @@ COLUMNS = ["date", "commit", "machine", "pair", "tiny", "dtype", "section", "met
            "n", "alpha", "g", "seconds", "p10_seconds", "p90_seconds", "tokens_per_s",
            "ceiling_tokens_per_s", "vs_ceiling", "tau", "tau_expected", "acceptance_per_position",
            "speedup_vs_plain", "speedup_vs_hf_static", "drift_rows", "compile_seconds", "reps",
-           "status"]
+           "graphs", "status"]
 
 
 # --------------------------------------------------------------------------- models
@@ -169,10 +202,15 @@ class SyntheticDrafter(PromptLookup):
         self.alpha = alpha
         self.draft_lm = draft_lm
         self.vocab_size = vocab_size
+        self.reset(seed)
+
+    def reset(self, seed: int) -> None:
+        """A fresh start for the next call (its draft cache is prefilled again), drawing
+        from ``seed``: one drafter, and so one generator, serves every repetition."""
         self.rng = np.random.default_rng(seed)
         self.cache = None
-        self.drifted = [False] * len(recorded)
-        self.checked = [0] * len(recorded)
+        self.drifted = [False] * len(self.recorded)
+        self.checked = [0] * len(self.recorded)
 
     def _pay_draft_cost(self, rows, num_draft: int) -> None:
         lm, batch = self.draft_lm, len(rows)
@@ -293,6 +331,14 @@ def hf_baseline(target, prompts: torch.Tensor, new_tokens: int, static: bool, co
                 status="ok")
 
 
+def plain_summary(batch: int, rows: list[dict]) -> str:
+    """One line comparing the measured plain-decoding baselines, fastest first (the target:
+    ``specops-plain-graphs`` at least ``hf-static-compiled``); skipped ones are left out."""
+    ranked = sorted(rows, key=lambda r: -r["tokens_per_s"])
+    text = ", ".join(f"{r['method']} {r['tokens_per_s']:.1f} tok/s" for r in ranked)
+    return f"plain decoding, batch {batch}: {text or 'nothing measured'}"
+
+
 def run_batch(args, target, draft_lm, batch: int, budget: Budget, log) -> list[dict]:
     device, vocab = args.device, target.config.vocab_size
     target_lm = causal_lm(target)
@@ -304,21 +350,33 @@ def run_batch(args, target, draft_lm, batch: int, budget: Budget, log) -> list[d
     for r in rows:
         log(r)
 
-    # The greedy continuation, recorded once (max_g tokens longer than any loop run needs),
-    # then specops plain decoding timed as the baseline.
+    # The greedy continuation, recorded once, eagerly (max_g tokens longer than any loop run
+    # needs; also the eager warm-up), then specops plain decoding timed as the baseline: eager,
+    # and with CUDA graphs when they are on (after one untimed call: module docstring).
     out = specops.generate(target, prompts, max_new_tokens=args.new_tokens + max_g,
                            eos_token_id=[])
     recorded = [r[:args.prompt_len + n] for r, n in zip(out.sequences.tolist(),
                                                         out.num_new_tokens)]
 
-    def plain():
-        specops.generate(target, prompts, max_new_tokens=args.new_tokens, eos_token_id=[])
-    times = [timed(plain, device) for _ in range(args.reps)]
-    plain_row = dict(section="baseline", method="specops-plain", batch=batch, **spread(times),
-                     tokens_per_s=batch * args.new_tokens / statistics.median(times), status="ok")
-    rows.append(log(plain_row))
+    plain_rows: dict[bool, dict] = {}   # by graphs mode; a skipped one is missing
+    for graphs in (False, True) if args.graphs else (False,):
+        base = dict(section="baseline", method="specops-plain-graphs" if graphs else
+                    "specops-plain", batch=batch, graphs=graphs)
+        if budget.left() < args.min_left_s:
+            rows.append(log(dict(base, status="skipped (budget)")))
+            continue
 
-    hf_static = None
+        plain = functools.partial(specops.SpeculativeGenerator(
+            target, eos_token_id=[], cuda_graphs=graphs).generate, prompts,
+            max_new_tokens=args.new_tokens)
+        if graphs:
+            plain()   # untimed: captures the graphs that the timed calls replay
+        times = [timed(plain, device) for _ in range(args.reps)]
+        plain_rows[graphs] = dict(base, **spread(times), status="ok",
+                                  tokens_per_s=batch * args.new_tokens / statistics.median(times))
+        rows.append(log(plain_rows[graphs]))
+
+    hf_static, hf_rows = None, {}
     for static in (False, True):
         compile_ = static and args.compile
         method = ("hf-static-compiled" if compile_ else "hf-static") if static else "hf-eager"
@@ -328,33 +386,44 @@ def run_batch(args, target, draft_lm, batch: int, budget: Budget, log) -> list[d
             continue
         row = hf_baseline(target, prompts, args.new_tokens, static, compile_, device, args.reps)
         rows.append(log(row))
+        hf_rows[method] = row
         if static:
             hf_static = row["tokens_per_s"]
+    for row in plain_rows.values():
+        row["speedup_vs_hf_static"] = row["tokens_per_s"] / hf_static if hf_static else None
+    print(plain_summary(batch, [*plain_rows.values(), *hf_rows.values()]), flush=True)
 
     for alpha in args.alphas:
         for g in args.draft_lengths:
-            base = dict(section="loop", method="synthetic", batch=batch, alpha=alpha, g=g)
+            base = dict(section="loop", method="synthetic", batch=batch, alpha=alpha, g=g,
+                        graphs=args.graphs)
             if budget.left() < args.min_left_s:
                 rows.append(log(dict(base, status="skipped (budget)")))
                 continue
             times, stats, drift = [], None, 0
+            drafter = SyntheticDrafter(recorded, alpha, draft_lm, vocab)
+            gen = specops.SpeculativeGenerator(target, drafter, num_draft_tokens=g,
+                                               eos_token_id=[], cuda_graphs=args.graphs)
+
+            def call(seed: int) -> specops.GenerationOutput:
+                drafter.reset(seed)
+                return gen.generate(prompts, max_new_tokens=args.new_tokens)
+            if args.graphs:
+                call(args.seed + args.reps)   # untimed: captures what the timed calls replay
             for rep in range(args.reps):
-                drafter = SyntheticDrafter(recorded, alpha, draft_lm, vocab,
-                                           seed=args.seed + rep)
                 result = []
-                times.append(timed(lambda: result.append(specops.generate(
-                    target, prompts, draft=drafter, num_draft_tokens=g,
-                    max_new_tokens=args.new_tokens, eos_token_id=[])), device))
+                times.append(timed(lambda: result.append(call(args.seed + rep)), device))
                 stats, drift = result[0].stats, max(drift, drafter.drift_rows)
             tps = batch * args.new_tokens / statistics.median(times)
             expected = ceiling_tokens(alpha, g)
+            same_mode = plain_rows.get(args.graphs)   # the plain baseline of the same mode
             ceiling = batch * expected / (g * t_draft + verify[g + 1])
             rows.append(log(dict(
                 base, **spread(times), tokens_per_s=tps, ceiling_tokens_per_s=ceiling,
                 vs_ceiling=tps / ceiling, tau=stats.mean_emitted_per_step, tau_expected=expected,
                 acceptance_per_position=" ".join(
                     f"{a / t:.3f}" if t else "-" for a, t in zip(stats.accepted, stats.tried)),
-                speedup_vs_plain=tps / plain_row["tokens_per_s"],
+                speedup_vs_plain=tps / same_mode["tokens_per_s"] if same_mode else None,
                 speedup_vs_hf_static=tps / hf_static if hf_static else None, drift_rows=drift,
                 status="ok")))
     return rows
@@ -387,6 +456,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="wall budget of the whole invocation (seconds)")
     p.add_argument("--min-left-s", type=float,
                    help="skip a measurement when less than this is left (default 15; tiny 0)")
+    p.add_argument("--graphs", choices=("auto", "on", "off"), default="auto",
+                   help="specops with cuda_graphs=True: auto = on where the device has graphs "
+                        "(CUDA), off on the CPU; on refuses a device without them")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="hf-static without torch.compile (always so on the CPU)")
     p.add_argument("--natural-weights", action="store_true",
@@ -403,6 +475,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.min_left_s = args.min_left_s if args.min_left_s is not None else (0 if args.tiny else 15)
     if not args.device.startswith("cuda"):
         args.compile = False
+    # cuda_graphs=True runs eagerly where the device has no graph backend: never claim graphs
+    has_graphs = graph_backend(args.device) is not None
+    if args.graphs == "on" and not has_graphs:
+        p.error(f"--graphs on: no device graphs on {args.device} (CUDA only); use --graphs off")
+    args.graphs_option = args.graphs
+    args.graphs = has_graphs if args.graphs == "auto" else args.graphs == "on"
     if any(not 0 <= a <= 1 for a in args.alphas) or any(g < 1 for g in args.draft_lengths):
         p.error("alphas must be in [0, 1] and draft lengths >= 1")
     if args.prompt_len < max(args.draft_lengths) + 1:
@@ -427,6 +505,10 @@ def main(argv=None) -> Path:
                          not args.natural_weights, positions)
     draft = build_model(family, draft_shape, dtype, args.device, args.seed + 1, False, positions)
     build_seconds = time.perf_counter() - start
+    if args.graphs and not causal_lm(target).graph_safe:
+        # the loop would run this target's forward eagerly under cuda_graphs=True
+        print(f"graphs off: specops never graphs the forward of {type(target).__name__}")
+        args.graphs = False
     import transformers
     now = datetime.datetime.now(datetime.timezone.utc)
     header = dict(command=" ".join(["python", *map(shlex.quote, sys.argv)]),
@@ -439,7 +521,8 @@ def main(argv=None) -> Path:
                   stable_greedy=not args.natural_weights, batches=args.batches,
                   alphas=args.alphas, draft_lengths=args.draft_lengths,
                   new_tokens=args.new_tokens, prompt_len=args.prompt_len, reps=args.reps,
-                  budget_s=args.budget_s, compile=args.compile,
+                  budget_s=args.budget_s, compile=args.compile, graphs=args.graphs,
+                  graphs_option=args.graphs_option,
                   num_threads=torch.get_num_threads(),
                   build_seconds=build_seconds, drafter="synthetic (see bench_gpu_e2e.py)")
     common = dict(date=header["date"], commit=header["git_commit"], machine=header["machine"],

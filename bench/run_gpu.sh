@@ -1,20 +1,42 @@
 #!/usr/bin/env bash
-# One run on a GPU machine (H100/H200; needs no network), from the repo root, in under 4 minutes:
-# build the extension, run the tests, compute-sanitizer memcheck + racecheck on the Triton
-# chain_verify, then the quick op benchmark. Logs and the CSV go to $OUT (default: a new
-# temporary folder), at most 8 files:
-#   env.txt build.log pytest.log bench.log memcheck.log racecheck.log ops_gpu.csv summary.txt
+# One run on a GPU machine (H100/H200; needs no network), from the repo root, in under 9 minutes
+# (BUDGET_S, default 520 s, for the whole script; a step that would start with less than 10 s
+# left is skipped, and each step is cut at its own cap and at the deadline):
+#   1. build the extension (120 s);
+#   2. the GPU graph tests: tests/test_graphs.py and the CUDA tests of tests/test_models.py
+#      (90 s);
+#   3. the end-to-end plain-decoding target, bench/bench_gpu_e2e.py on the Qwen2.5-1.5B shape
+#      at batch 1 (150 s; its --budget-s is set 30 s under what the step may take): the plain
+#      baselines first (specops-plain, specops-plain-graphs, hf-eager, hf-static-compiled),
+#      then a few loop points with CUDA graphs;
+#   4. the quick op benchmark (100 s);
+#   5. the whole test suite, stopping at the first failure (110 s; it may not finish);
+#   6. compute-sanitizer memcheck + racecheck on a few calls of every Triton kernel (60 s each).
+# Logs and results go to $OUT (default: a new temporary folder), at most 12 files:
+#   env.txt build.log gpu_tests.log e2e.log gpu_e2e_qwen2.5-1.5b_<UTC date-time>.json
+#   gpu_e2e_qwen2.5-1.5b_<UTC date-time>.csv bench.log pytest.log memcheck.log racecheck.log
+#   ops_gpu.csv summary.txt
 # ops_gpu.csv is bench/results/ops_gpu.csv after the run (earlier rows + this run's);
-# copy it back over bench/results/ops_gpu.csv to record the run.
+# copy it back over bench/results/ops_gpu.csv to record the run, and the gpu_e2e_* files to
+# bench/results/gpu_e2e/. summary.txt has every step's exit status (124 = timed out) and the
+# plain-decoding comparison line of e2e.log.
 #
 #   OUT=/some/dir bash bench/run_gpu.sh
-#   BENCH_ARGS="--smoke --device cpu" SKIP_BUILD=1 SKIP_TESTS=1 bash bench/run_gpu.sh  # CPU dry run
+#   BENCH_ARGS="--smoke --device cpu" SKIP_BUILD=1 SKIP_TESTS=1 \
+#     E2E_ARGS="--tiny --device cpu --alphas 0.8 --draft-lengths 2" bash bench/run_gpu.sh
+# The last is a dry run on a CPU, in seconds (SKIP_E2E=1 instead of E2E_ARGS skips that step;
+# without either, the e2e step asks for CUDA and fails at once on a CPU-only machine).
+# SKIP_BUILD, SKIP_TESTS (steps 2 and 5) and SKIP_E2E skip steps; BENCH_ARGS and E2E_ARGS
+# replace the arguments of the op benchmark and of bench_gpu_e2e.py (the script adds
+# --budget-s before them and --out "$OUT" after them).
 set -uo pipefail
 
 PY=${PYTHON:-python3}
 OUT=${OUT:-$(mktemp -d)}
 BENCH_ARGS=${BENCH_ARGS:---quick --device cuda}
-DEADLINE=$((SECONDS + ${BUDGET_S:-230}))
+E2E_DEFAULT="--device cuda --pair qwen2.5-1.5b --batches 1 --alphas 0.8 --draft-lengths 2,4"
+E2E_ARGS=${E2E_ARGS:-$E2E_DEFAULT --reps 3}
+DEADLINE=$((SECONDS + ${BUDGET_S:-520}))
 mkdir -p "$OUT"
 : >"$OUT/summary.txt"
 
@@ -51,17 +73,34 @@ if [[ -z ${SKIP_BUILD:-} ]]; then
     step build 120 "$PY" setup.py build_ext --inplace
 fi
 
-# 2. Tests (the GPU tests run natively here); this also compiles the Triton kernels, so the
-#    sanitizer runs below find them in the cache.
+# 2. The GPU graph tests first (the whole suite below may not reach them in its time): CUDA graph
+#    replay against eager decoding, and the CUDA tests of the model forward ("cuda" selects
+#    test_models.py's cuda-parametrised forward tests and its CUDA graph capture test; every
+#    test of test_graphs.py matches "graph").
+if [[ -z ${SKIP_TESTS:-} ]]; then
+  step gpu_tests 90 "$PY" -m pytest -q tests/test_graphs.py tests/test_models.py -k "cuda or graph"
+fi
+
+# 3. The end-to-end plain-decoding target (bench/bench_gpu_e2e.py's docstring). Its own budget
+#    stays 30 s under the step's cap (imports, writing the results, one measurement's overrun).
+if [[ -z ${SKIP_E2E:-} ]]; then
+  e2e_cap=$((DEADLINE - SECONDS))
+  ((e2e_cap > 150)) && e2e_cap=150
+  e2e_budget=$((e2e_cap > 60 ? e2e_cap - 30 : e2e_cap / 2))
+  step e2e 150 "$PY" bench/bench_gpu_e2e.py --budget-s "$e2e_budget" $E2E_ARGS --out "$OUT"
+fi
+
+# 4. The quick op benchmark, before the sanitizers: its numbers are the run's other main product.
+step bench 100 "$PY" bench/bench_ops.py $BENCH_ARGS
+cp bench/results/ops_gpu.csv "$OUT/" 2>/dev/null
+
+# 5. The whole suite (the GPU tests run natively here); this also compiles the Triton kernels,
+#    so the sanitizer runs below find them in the cache.
 if [[ -z ${SKIP_TESTS:-} ]]; then
   step pytest 110 "$PY" -m pytest -q tests -x
 fi
 
-# 3. The quick benchmark, before the sanitizers: its numbers are the run's main product.
-step bench 100 "$PY" bench/bench_ops.py $BENCH_ARGS
-cp bench/results/ops_gpu.csv "$OUT/" 2>/dev/null
-
-# 4. compute-sanitizer on a few calls of every Triton kernel (kv_commit's overlapping moves
+# 6. compute-sanitizer on a few calls of every Triton kernel (kv_commit's overlapping moves
 #    race only on real hardware: racecheck is the test). Without the caching allocator every
 #    tensor is its own allocation, so memcheck sees a read past a tensor's end.
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
@@ -116,4 +155,5 @@ done
 rm -f "$PROBE"
 
 echo "--- results in $OUT" | tee -a "$OUT/summary.txt"
+grep -h '^plain decoding' "$OUT/e2e.log" 2>/dev/null | tee -a "$OUT/summary.txt"
 grep -A4 '^Targets' "$OUT/bench.log" | tee -a "$OUT/summary.txt"

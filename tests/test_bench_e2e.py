@@ -8,7 +8,10 @@ shapes, and the figures.
   has a header and one record per prompt x method, the summary CSV one row per category x
   method, and every greedy method's output equals plain greedy (the loop is lossless).
 - ``bench_gpu_e2e.py --tiny`` on the CPU: every section writes rows, the synthetic drafter's
-  acceptance follows alpha, and the ceiling formula is right.
+  acceptance follows alpha, and the ceiling formula is right; no row claims CUDA graphs there.
+  With a stand-in graph backend registered for the CPU, the graphs rows appear (the plain
+  baseline with graphs, the loop rows with graphs, each loop row's speedup against the plain
+  baseline of its own mode), and the budget skips the graphs baseline like any other.
 - ``plot.py`` draws every figure from small synthetic CSV files.
 """
 
@@ -284,6 +287,10 @@ def test_bench_gpu_e2e_tiny_on_cpu(tmp_path):
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == bench_gpu_e2e.COLUMNS
     assert all(r["status"] == "ok" and r["tiny"] == "True" for r in rows)
+    # no graphs on the CPU: the specops rows say so, the Hugging Face and cost rows say nothing
+    for r in rows:
+        specops_row = r["section"] == "loop" or r["method"].startswith("specops")
+        assert r["graphs"] == ("False" if specops_row else ""), r
     for batch in ("1", "2"):
         mine = [r for r in rows if r["batch"] == batch]
         verify = {int(r["n"]): float(r["seconds"]) for r in mine if r["section"] == "verify_cost"}
@@ -301,8 +308,75 @@ def test_bench_gpu_e2e_tiny_on_cpu(tmp_path):
             assert first == ("1.000" if alpha else "0.000")
             ceiling = int(batch) * (g + 1 if alpha else 1) / (g * draft + verify[g + 1])
             assert float(r["ceiling_tokens_per_s"]) == pytest.approx(ceiling, rel=1e-3)
+        (plain,) = [float(r["tokens_per_s"]) for r in mine if r["method"] == "specops-plain"]
+        for r in loop.values():
+            assert float(r["speedup_vs_plain"]) == pytest.approx(
+                float(r["tokens_per_s"]) / plain, rel=2e-3)
     header = json.loads(path.with_suffix(".json").read_text())["header"]
     assert header["tiny"] and header["stable_greedy"] and header["machine"]
+    assert header["graphs"] is False and header["graphs_option"] == "auto"
+
+
+def test_bench_gpu_e2e_graphs_option():
+    import bench_gpu_e2e
+    assert not bench_gpu_e2e.parse_args(["--tiny", "--device", "cpu"]).graphs
+    assert bench_gpu_e2e.parse_args(["--device", "cuda"]).graphs          # auto: on for CUDA
+    assert not bench_gpu_e2e.parse_args(["--device", "cuda", "--graphs", "off"]).graphs
+    with pytest.raises(SystemExit):     # the CPU has no graphs: refused, never claimed
+        bench_gpu_e2e.parse_args(["--tiny", "--device", "cpu", "--graphs", "on"])
+
+
+class EagerReplayGraphs:
+    """Stand-in graph backend for the CPU: the capture runs the step eagerly and each replay
+    runs it again on the static inputs, into the captured output (as a CUDA graph would)."""
+
+    captures = 0
+
+    def capture(self, fn, static_inputs, warmup):
+        for _ in range(warmup):
+            fn(*static_inputs)
+        EagerReplayGraphs.captures += 1
+        output = fn(*static_inputs)
+
+        class Replay:
+            def replay(self):
+                output.copy_(fn(*static_inputs))
+        return Replay(), output
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    import specops.graphs
+    monkeypatch.setitem(specops.graphs._BACKENDS, "cpu", EagerReplayGraphs)
+    monkeypatch.setattr(EagerReplayGraphs, "captures", 0)
+
+
+def test_bench_gpu_e2e_graphs_rows(tmp_path, cpu_graphs):
+    import bench_gpu_e2e
+    path = run_quiet(bench_gpu_e2e.main, [
+        "--tiny", "--device", "cpu", "--threads", "1", "--batches", "1", "--alphas", "1",
+        "--draft-lengths", "3", "--out", str(tmp_path)])
+    assert EagerReplayGraphs.captures > 0
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert all(r["status"] == "ok" for r in rows)
+    baselines = {r["method"]: r for r in rows if r["section"] == "baseline"}
+    assert list(baselines) == ["specops-plain", "specops-plain-graphs", "hf-eager", "hf-static"]
+    assert [r["graphs"] for r in baselines.values()] == ["False", "True", "", ""]
+    for r in baselines.values():
+        assert float(r["tokens_per_s"]) > 0
+    hf_static = float(baselines["hf-static"]["tokens_per_s"])
+    for method in ("specops-plain", "specops-plain-graphs"):
+        assert float(baselines[method]["speedup_vs_hf_static"]) == pytest.approx(
+            float(baselines[method]["tokens_per_s"]) / hf_static, rel=2e-3)
+    (loop,) = [r for r in rows if r["section"] == "loop"]
+    # every draft accepted: 16 tokens in 4 steps of 4, as without graphs
+    assert loop["graphs"] == "True" and float(loop["tau"]) == 4.0 and loop["drift_rows"] == "0"
+    assert float(loop["speedup_vs_plain"]) == pytest.approx(   # against the graphs baseline
+        float(loop["tokens_per_s"]) / float(baselines["specops-plain-graphs"]["tokens_per_s"]),
+        rel=2e-3)
+    header = json.loads(path.with_suffix(".json").read_text())["header"]
+    assert header["graphs"] is True and header["graphs_option"] == "auto"
 
 
 def test_bench_gpu_e2e_budget_skips(tmp_path):
@@ -313,6 +387,31 @@ def test_bench_gpu_e2e_budget_skips(tmp_path):
         rows = list(csv.DictReader(f))
     assert [(r["batch"], r["status"]) for r in rows] == [("1", "skipped (budget)"),
                                                          ("2", "skipped (budget)")]
+
+
+def test_bench_gpu_e2e_budget_skips_the_graphs_baseline(tmp_path, cpu_graphs, monkeypatch):
+    import bench_gpu_e2e
+
+    class TwoChecks:
+        """A budget with room for the first two checks (the batch, the eager baseline)."""
+
+        def __init__(self, seconds):
+            self.checks = 0
+
+        def left(self):
+            self.checks += 1
+            return 1e9 if self.checks <= 2 else -1.0
+    monkeypatch.setattr(bench_gpu_e2e, "Budget", TwoChecks)
+    path = run_quiet(bench_gpu_e2e.main, [
+        "--tiny", "--device", "cpu", "--threads", "1", "--batches", "1", "--alphas", "0.5",
+        "--draft-lengths", "1", "--out", str(tmp_path)])
+    with path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if not r["section"].endswith("_cost")]
+    assert [(r["method"], r["graphs"], r["status"]) for r in rows] == [
+        ("specops-plain", "False", "ok"), ("specops-plain-graphs", "True", "skipped (budget)"),
+        ("hf-eager", "", "skipped (budget)"), ("hf-static", "", "skipped (budget)"),
+        ("synthetic", "True", "skipped (budget)")]
+    assert EagerReplayGraphs.captures == 0      # nothing ran with graphs
 
 
 # --------------------------------------------------------------------------- figures
