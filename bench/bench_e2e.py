@@ -67,7 +67,8 @@ Output (``--out``, default ``bench/results/e2e_cpu/``), files named ``e2e_<UTC d
   tokens of all rows / wall time), new tokens per row, ``GenerationStats.as_dict()`` plus the raw
   counts and the cost models before and after the call (specops methods), a hash of the
   output token ids, whether the output (every row) is identical to that of ``plain`` and of
-  ``hf-plain`` on the same prompt and repetition, and per row the first index where it differs (``null`` when identical; ``null`` flags when sampling).
+  ``hf-plain`` on the same prompt and repetition, and per row the first index where it
+  differs (``null`` when identical; ``null`` flags when sampling).
 - ``_summary.csv``: one row per category x method: tokens/s median, p10, p90 over runs;
   ``speedup_vs_plain`` / ``speedup_vs_hf_assisted`` = geometric mean over prompts of (median
   tokens/s of the method on the prompt / median of the baseline on the same prompt);

@@ -142,12 +142,14 @@ class Hybrid:
     is higher every row takes the draft model's tokens. The lookup's estimates also learn
     from the matches it did not use, by how far each agrees with the tokens the step
     emitted, so that they follow the text (code that starts repeating its prompt); a lookup
-    that matches but does not pay is still used every 16th such step. Matches on prose are
-    common and often wrong (a number, a name), which is where the comparison helps; where a
-    good lookup starts with a few wrong matches (code) it loses steps to the draft model
-    until its estimates recover. Measured on the Qwen2.5-Coder pair (CPU, 12 prompts in 4
-    categories, one repetition; BENCHMARKS.md): between 0.81x and 1.21x the default's
-    tokens/s per prompt, 0.99x geometric mean, so it is not the default.
+    that matches but does not pay is still used once per ``PROBE_EVERY`` (16) such steps
+    (:class:`specops.controller.Prober`). Matches on prose are common and often wrong (a
+    number, a name), which is where the comparison helps; where a good lookup starts with a
+    few wrong matches (code) it loses steps to the draft model until its estimates recover.
+    Measured on the Qwen2.5-Coder pair (CPU, 12 prompts in 4 categories, one repetition;
+    BENCHMARKS.md): between 0.82x and 1.40x the default's tokens/s per prompt, 1.03x
+    geometric mean (0.99x in the run before), winning on math and losing on code, so it is
+    not the default.
 
     Args:
         draft_model: The draft model (a Hugging Face causal LM sharing the target's
@@ -314,6 +316,21 @@ class SpeculativeGenerator:
         (the next such call captures again)."""
         self._graphed = None
 
+    def _caches(self, batch: int, capacity: int, graphs: bool) -> "_GraphedCaches":
+        """A call's caches and steps: with ``graphs``, the kept ones when they fit (same
+        batch size, at least ``capacity``; their draft runner reset), else new ones, kept
+        for the next call; without, new ones every call."""
+        kept = self._graphed
+        if graphs and kept is not None and kept.batch == batch and kept.capacity >= capacity:
+            if kept.draft is not None:
+                kept.draft.reset()
+            return kept
+        self._graphed = None                      # free the old caches before allocating
+        caches = _GraphedCaches.build(self, batch, capacity, graphs)
+        if graphs:
+            self._graphed = caches
+        return caches
+
     def reset_estimates(self) -> None:
         """Forgets what the controllers learnt about acceptance (the draft-length estimates,
         the tree calibration), keeping the measured cost model: for a new kind of request,
@@ -443,16 +460,7 @@ class _Run:
         lookahead = (tree.num_nodes if tree else gen.max_draft_tokens + 1) + 1
         capacity = max(self.prompt_lens) + max_new_tokens + lookahead
         graphs = gen.cuda_graphs and graph_backend(self.device) is not None
-        kept = gen._graphed
-        if graphs and kept is not None and kept.batch == self.batch and kept.capacity >= capacity:
-            caches = kept
-            if caches.draft is not None:
-                caches.draft.reset()
-        else:
-            gen._graphed = None                      # free the old caches before allocating
-            caches = _GraphedCaches.build(gen, self.batch, capacity, graphs)
-            if graphs:
-                gen._graphed = caches
+        caches = gen._caches(self.batch, capacity, graphs)
         self.capacity, self.cache = caches.capacity, caches.cache
         self.verify_forward, self.draft = caches.verify_forward, caches.draft
         self.seeds = gen.seed + torch.arange(self.batch, dtype=torch.int64, device=self.device)
