@@ -9,8 +9,9 @@
 #      at batch 1 (150 s; its --budget-s is set 30 s under what the step may take): the plain
 #      baselines first (specops-plain, specops-plain-graphs, hf-eager, hf-static-compiled),
 #      then a few loop points with CUDA graphs;
-#   4. the quick op benchmark (100 s);
-#   5. the whole test suite, stopping at the first failure (110 s; it may not finish);
+#   4. the whole test suite, in 8 processes where pytest-xdist is installed, up to 20
+#      failures (110 s; it may not finish);
+#   5. the quick op benchmark (100 s);
 #   6. compute-sanitizer memcheck + racecheck on a few calls of every Triton kernel (60 s each).
 # Logs and results go to $OUT (default: a new temporary folder), at most 12 files:
 #   env.txt build.log gpu_tests.log e2e.log gpu_e2e_qwen2.5-1.5b_<UTC date-time>.json
@@ -63,14 +64,16 @@ step() {
   nvidia-smi 2>&1 | head -20
   "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")'
   "$PY" -c 'import triton; print("triton", triton.__version__)' 2>&1
+  "$PY" -c 'import transformers; print("transformers", transformers.__version__)' 2>&1
   nproc
 } >"$OUT/env.txt" 2>&1
 
-# 1. Build specops._C from source. pip's editable install needs a recent setuptools (no
-#    network here to fetch one); the in-place build is the fallback.
+# 1. Build specops._C from source, in place (no pip install: the machine's setuptools may be
+#    too old for an editable install, and a failed one would cost a second build). Every step
+#    imports this checkout's specops through PYTHONPATH, the sanitizer probe in /tmp too.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [[ -z ${SKIP_BUILD:-} ]]; then
-  step build 120 "$PY" -m pip install --no-build-isolation --no-deps -e . ||
-    step build 120 "$PY" setup.py build_ext --inplace
+  step build 120 "$PY" setup.py build_ext --inplace
 fi
 
 # 2. The GPU graph tests first (the whole suite below may not reach them in its time): CUDA graph
@@ -90,15 +93,19 @@ if [[ -z ${SKIP_E2E:-} ]]; then
   step e2e 150 "$PY" bench/bench_gpu_e2e.py --budget-s "$e2e_budget" $E2E_ARGS --out "$OUT"
 fi
 
-# 4. The quick op benchmark, before the sanitizers: its numbers are the run's other main product.
+# 4. The whole suite (the GPU tests run natively here); this also compiles the Triton kernels,
+#    so the sanitizer runs below find them in the cache.
+#    With pytest-xdist (the GPU image has it) the suite runs in 8 processes: Triton's compiles
+#    and the CPU tests are what take the time, not the GPU. Up to 20 failures are reported.
+if [[ -z ${SKIP_TESTS:-} ]]; then
+  XDIST=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 8")
+  step pytest 110 "$PY" -m pytest -q $XDIST --maxfail=20 tests
+fi
+
+# 5. The quick op benchmark, after the suite (the first native run of the Triton kernels is
+#    worth more than their timings), before the sanitizers.
 step bench 100 "$PY" bench/bench_ops.py $BENCH_ARGS
 cp bench/results/ops_gpu.csv "$OUT/" 2>/dev/null
-
-# 5. The whole suite (the GPU tests run natively here); this also compiles the Triton kernels,
-#    so the sanitizer runs below find them in the cache.
-if [[ -z ${SKIP_TESTS:-} ]]; then
-  step pytest 110 "$PY" -m pytest -q tests -x
-fi
 
 # 6. compute-sanitizer on a few calls of every Triton kernel (kv_commit's overlapping moves
 #    race only on real hardware: racecheck is the test). Without the caching allocator every
