@@ -544,16 +544,19 @@ def main(argv=None) -> Path:
 
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = header["date"].replace(":", "").replace("-", "").replace("+0000", "Z")
-    stem = args.out / f"gpu_e2e_{args.pair}{'_tiny' if args.tiny else ''}_{stamp}"
-    stem.with_suffix(".json").write_text(json.dumps(dict(header=header, rows=rows), indent=1))
-    with stem.with_suffix(".csv").open("w", newline="") as f:
+    # names are joined, not with_suffix'd: "qwen2.5-1.5b" holds dots, and with_suffix would
+    # cut the name at the last one ("gpu_e2e_qwen2.5-1.json", one file for every run)
+    stem = f"gpu_e2e_{args.pair}{'_tiny' if args.tiny else ''}_{stamp}"
+    json_path, csv_path = args.out / f"{stem}.json", args.out / f"{stem}.csv"
+    json_path.write_text(json.dumps(dict(header=header, rows=rows), indent=1))
+    with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if v is None else f"{v:.5g}" if isinstance(v, float) else v)
                              for k, v in {**common, **row}.items() if k in COLUMNS})
-    print(f"wrote {stem}.json and .csv ({header['total_seconds']:.0f} s)")
-    return stem.with_suffix(".csv")
+    print(f"wrote {json_path} and .csv ({header['total_seconds']:.0f} s)")
+    return csv_path
 
 
 if __name__ == "__main__":

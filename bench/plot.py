@@ -215,9 +215,9 @@ def plot_gpu(paths: list[Path], out: Path, written: list[Path]) -> None:
                     label=f"g={g}")
             ax.plot([p[0] for p in points], [p[2] for p in points], "--", color=color, lw=1)
         baselines = [r for r in mine if r["section"] == "baseline" and r["status"] == "ok"]
-        for j, r in enumerate(baselines):
-            ax.axhline(float(r["tokens_per_s"]), color="black", lw=0.8, ls=[":", "-.", "-"][j % 3],
-                       label=r["method"])
+        for j, r in enumerate(baselines):   # four baselines: a colour each, not black
+            ax.axhline(float(r["tokens_per_s"]), color=f"C{len(shown) + j}", lw=1,
+                       ls=[":", "-.", "-", (0, (3, 1, 1, 1, 1, 1))][j % 4], label=r["method"])
         ax.set_title(f"{pair}{' (tiny)' if tiny == 'True' else ''}, batch {batch}\n{machine}",
                      fontsize=9)
         ax.set_xlabel("alpha (synthetic drafter)")

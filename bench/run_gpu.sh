@@ -2,21 +2,22 @@
 # One run on a GPU machine (H100/H200; needs no network), from the repo root, in under 9 minutes
 # (BUDGET_S, default 520 s, for the whole script; a step that would start with less than 10 s
 # left is skipped, and each step is cut at its own cap and at the deadline):
-#   1. build the extension at -O1 (150 s);
+#   1. build the extension at -O1 (150 s), then bench/error_probe.py (60 s): does a bad input
+#      to a C++ kernel raise or crash the process (with cuda-gdb's backtrace of a crash);
 #   2. the GPU graph tests: tests/test_graphs.py and the CUDA tests of tests/test_models.py
 #      (90 s);
 #   3. the end-to-end plain-decoding target, bench/bench_gpu_e2e.py on the Qwen2.5-1.5B shape
 #      at batch 1 (150 s; its --budget-s is set 30 s under what the step may take): the plain
 #      baselines first (specops-plain, specops-plain-graphs, hf-eager, hf-static-compiled),
 #      then a few loop points with CUDA graphs;
-#   4. the whole test suite, in 8 processes where pytest-xdist is installed, up to 20
-#      failures (110 s; it may not finish);
-#   5. the quick op benchmark (100 s);
+#   4. the quick op benchmark (100 s);
+#   5. the test files with CUDA paths, in 8 processes where pytest-xdist is installed, up to
+#      20 failures (150 s);
 #   6. compute-sanitizer memcheck + racecheck on a few calls of every Triton kernel (60 s each).
-# Logs and results go to $OUT (default: a new temporary folder), at most 12 files:
-#   env.txt build.log gpu_tests.log e2e.log gpu_e2e_qwen2.5-1.5b_<UTC date-time>.json
+# Logs and results go to $OUT (default: a new temporary folder):
+#   env.txt build.log errors.log gpu_tests.log e2e.log gpu_e2e_qwen2.5-1.5b_<UTC date-time>.json
 #   gpu_e2e_qwen2.5-1.5b_<UTC date-time>.csv bench.log pytest.log memcheck.log racecheck.log
-#   ops_gpu.csv summary.txt
+#   ops_gpu.csv summary.txt (13 files: pack them into one archive where fewer may travel)
 # ops_gpu.csv is bench/results/ops_gpu.csv after the run (earlier rows + this run's);
 # copy it back over bench/results/ops_gpu.csv to record the run, and the gpu_e2e_* files to
 # bench/results/gpu_e2e/. summary.txt has every step's exit status (124 = timed out) and the
@@ -78,6 +79,11 @@ if [[ -z ${SKIP_BUILD:-} ]]; then
   step build 150 env SPECOPS_OPT="${SPECOPS_OPT:--O1}" "$PY" setup.py build_ext --inplace
 fi
 
+# 1b. Do the C++ kernels raise on bad input or crash? (bench/error_probe.py: the 2026-11-27 run
+#     lost three test processes to segmentation faults there.) With cuda-gdb, a backtrace.
+GDB=$(command -v cuda-gdb || ls /usr/local/cuda*/bin/cuda-gdb 2>/dev/null | head -1)
+step errors 60 "$PY" bench/error_probe.py ${GDB:+--gdb "$GDB"}
+
 # 2. The GPU graph tests first (the whole suite below may not reach them in its time): CUDA graph
 #    replay against eager decoding, and the CUDA tests of the model forward ("cuda" selects
 #    test_models.py's cuda-parametrised forward tests and its CUDA graph capture test; every
@@ -95,19 +101,22 @@ if [[ -z ${SKIP_E2E:-} ]]; then
   step e2e 150 "$PY" bench/bench_gpu_e2e.py --budget-s "$e2e_budget" $E2E_ARGS --out "$OUT"
 fi
 
-# 4. The whole suite (the GPU tests run natively here); this also compiles the Triton kernels,
-#    so the sanitizer runs below find them in the cache.
-#    With pytest-xdist (the GPU image has it) the suite runs in 8 processes: Triton's compiles
-#    and the CPU tests are what take the time, not the GPU. Up to 20 failures are reported.
-if [[ -z ${SKIP_TESTS:-} ]]; then
-  XDIST=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 8")
-  step pytest 110 "$PY" -m pytest -q $XDIST --maxfail=20 tests
-fi
-
-# 5. The quick op benchmark, after the suite (the first native run of the Triton kernels is
-#    worth more than their timings), before the sanitizers.
+# 4. The quick op benchmark, before the suite: the suite's 8 processes left a load average of
+#    52 behind them on 16 cores in the 2026-11-27 run, which its eager timings then carried.
+#    Each timed op is also checked against the reference here.
 step bench 100 "$PY" bench/bench_ops.py $BENCH_ARGS
 cp bench/results/ops_gpu.csv "$OUT/" 2>/dev/null
+
+# 5. The test files with CUDA paths (the GPU tests run natively here; the whole suite reached
+#    7% in 110 s there). With pytest-xdist (the GPU image has it) in 8 processes: Triton's
+#    compiles and the CPU tests take the time, not the GPU. Up to 20 failures are reported.
+#    This also compiles the Triton kernels, so the sanitizer runs below find them cached.
+if [[ -z ${SKIP_TESTS:-} ]]; then
+  XDIST=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 8")
+  step pytest 150 "$PY" -m pytest -q $XDIST --maxfail=20 tests/test_triton_kernels.py \
+    tests/test_tree_triton.py tests/test_kv_commit.py tests/test_tree_attention.py \
+    tests/test_tree.py tests/test_api.py
+fi
 
 # 6. compute-sanitizer on a few calls of every Triton kernel (kv_commit's overlapping moves
 #    race only on real hardware: racecheck is the test). Without the caching allocator every

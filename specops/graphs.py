@@ -14,9 +14,10 @@ Backends (:func:`graph_backend` picks one from the device; other devices, the CP
 them, get no graphs):
 
 - ``"cuda"``: ``torch.cuda.CUDAGraph``. Tested only where a CUDA GPU is present
-  (``tests/test_graphs.py`` skips elsewhere); no GPU was available while it was developed,
-  so the loop leaves graphs off by default (``SpeculativeGenerator(..., cuda_graphs=True)``
-  turns them on). The loop's side of it (a capture per shape, static inputs, replays, the
+  (``tests/test_graphs.py`` skips elsewhere; it passed on an H200, 2026-11-27). The loop
+  leaves graphs off by default (``SpeculativeGenerator(..., cuda_graphs=True)`` turns them
+  on): they have had one GPU run, and specops' unfused forward replayed from a graph was
+  still slower than Hugging Face's compiled one there (BENCHMARKS.md, "GPU"). The loop's side of it (a capture per shape, static inputs, replays, the
   switching between draft lengths) runs on every machine against a stand-in backend that
   traces each step once and replays the trace (``tests/test_graphs_traced.py``).
 - ``"hpu"``: Intel Gaudi's ``HPUGraph`` from ``habana_frameworks.torch``, imported only when

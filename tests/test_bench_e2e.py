@@ -317,6 +317,19 @@ def test_bench_gpu_e2e_tiny_on_cpu(tmp_path):
     assert header["graphs"] is False and header["graphs_option"] == "auto"
 
 
+def test_bench_gpu_e2e_output_names_keep_a_dotted_pair(tmp_path):
+    # "qwen2.5-1.5b": Path.with_suffix cut such a name at its last dot, so every run of that
+    # pair wrote gpu_e2e_qwen2.5-1.json/.csv over the one before
+    import bench_gpu_e2e
+    path = run_quiet(bench_gpu_e2e.main, [
+        "--tiny", "--pair", "qwen2.5-1.5b", "--device", "cpu", "--threads", "1", "--batches",
+        "1", "--alphas", "1", "--draft-lengths", "1", "--new-tokens", "4", "--out",
+        str(tmp_path)])
+    assert path.name.startswith("gpu_e2e_qwen2.5-1.5b_tiny_") and path.suffix == ".csv"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name[:-4] + ".csv",
+                                                         path.name[:-4] + ".json"]
+
+
 def test_bench_gpu_e2e_graphs_option():
     import bench_gpu_e2e
     assert not bench_gpu_e2e.parse_args(["--tiny", "--device", "cpu"]).graphs
