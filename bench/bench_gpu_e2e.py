@@ -55,6 +55,10 @@ Measured, for each batch size in ``--batches``:
 - ``draft_cost``: the draft model's forward of one token per row: ``T_draft`` (eager).
 - ``baseline``, in this order: ``specops-plain`` (the loop without a draft, draft length 0,
   eager), ``specops-plain-graphs`` (the same with ``cuda_graphs=True``; only with graphs on),
+  ``specops-plain-graphs-compiled`` (the same with ``compile=True`` too, so the graphs
+  capture TorchInductor's fused kernels; ``--specops-compile``, default on CUDA only, and
+  ``specops-plain-compiled`` where graphs are off; its first, untimed call compiles, and
+  its time over a timed call's is ``compile_seconds``; column ``compiled``),
   ``hf-eager`` (transformers ``generate``, dynamic cache) and ``hf-static``
   (``cache_implementation="static"``, compiled by transformers' automatic ``torch.compile`` on
   CUDA, then named ``hf-static-compiled``; its first call compiles and is timed separately as
@@ -143,7 +147,7 @@ COLUMNS = ["date", "commit", "machine", "pair", "tiny", "dtype", "section", "met
            "n", "alpha", "g", "seconds", "p10_seconds", "p90_seconds", "tokens_per_s",
            "ceiling_tokens_per_s", "vs_ceiling", "tau", "tau_expected", "acceptance_per_position",
            "speedup_vs_plain", "speedup_vs_hf_static", "drift_rows", "compile_seconds", "reps",
-           "graphs", "status"]
+           "graphs", "compiled", "status"]
 
 
 # --------------------------------------------------------------------------- models
@@ -358,23 +362,30 @@ def run_batch(args, target, draft_lm, batch: int, budget: Budget, log) -> list[d
     recorded = [r[:args.prompt_len + n] for r, n in zip(out.sequences.tolist(),
                                                         out.num_new_tokens)]
 
-    plain_rows: dict[bool, dict] = {}   # by graphs mode; a skipped one is missing
-    for graphs in (False, True) if args.graphs else (False,):
-        base = dict(section="baseline", method="specops-plain-graphs" if graphs else
-                    "specops-plain", batch=batch, graphs=graphs)
+    # by (graphs, compiled) mode; a skipped one is missing
+    plain_rows: dict[tuple[bool, bool], dict] = {}
+    modes = [(False, False)] + [(True, False)] * args.graphs + [(args.graphs, True)] * \
+        args.specops_compile
+    for graphs, compiled in modes:
+        method = "specops-plain" + "-graphs" * graphs + "-compiled" * compiled
+        base = dict(section="baseline", method=method, batch=batch, graphs=graphs,
+                    compiled=compiled)
         if budget.left() < args.min_left_s:
             rows.append(log(dict(base, status="skipped (budget)")))
             continue
 
         plain = functools.partial(specops.SpeculativeGenerator(
-            target, eos_token_id=[], cuda_graphs=graphs).generate, prompts,
+            target, eos_token_id=[], cuda_graphs=graphs, compile=compiled).generate, prompts,
             max_new_tokens=args.new_tokens)
-        if graphs:
-            plain()   # untimed: captures the graphs that the timed calls replay
+        first = None
+        if graphs or compiled:   # untimed: captures the graphs (compiles the steps) that the
+            first = timed(plain, device)    # timed calls replay
         times = [timed(plain, device) for _ in range(args.reps)]
-        plain_rows[graphs] = dict(base, **spread(times), status="ok",
-                                  tokens_per_s=batch * args.new_tokens / statistics.median(times))
-        rows.append(log(plain_rows[graphs]))
+        median = statistics.median(times)
+        plain_rows[graphs, compiled] = dict(
+            base, **spread(times), status="ok", tokens_per_s=batch * args.new_tokens / median,
+            compile_seconds=first - median if compiled else None)
+        rows.append(log(plain_rows[graphs, compiled]))
 
     hf_static, hf_rows = None, {}
     for static in (False, True):
@@ -416,7 +427,8 @@ def run_batch(args, target, draft_lm, batch: int, budget: Budget, log) -> list[d
                 stats, drift = result[0].stats, max(drift, drafter.drift_rows)
             tps = batch * args.new_tokens / statistics.median(times)
             expected = ceiling_tokens(alpha, g)
-            same_mode = plain_rows.get(args.graphs)   # the plain baseline of the same mode
+            # the plain baseline of the same mode (loop rows are never compiled)
+            same_mode = plain_rows.get((args.graphs, False))
             ceiling = batch * expected / (g * t_draft + verify[g + 1])
             rows.append(log(dict(
                 base, **spread(times), tokens_per_s=tps, ceiling_tokens_per_s=ceiling,
@@ -461,6 +473,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(CUDA), off on the CPU; on refuses a device without them")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="hf-static without torch.compile (always so on the CPU)")
+    p.add_argument("--specops-compile", choices=("auto", "on", "off"), default="auto",
+                   help="also measure specops plain decoding with compile=True (and graphs "
+                        "when they are on): auto = on CUDA only")
     p.add_argument("--natural-weights", action="store_true",
                    help="plain random init (greedy continuation may drift under bf16)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU runs)")
@@ -475,6 +490,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.min_left_s = args.min_left_s if args.min_left_s is not None else (0 if args.tiny else 15)
     if not args.device.startswith("cuda"):
         args.compile = False
+    args.specops_compile = (args.specops_compile == "on" or args.specops_compile == "auto"
+                            and args.device.startswith("cuda"))
     # cuda_graphs=True runs eagerly where the device has no graph backend: never claim graphs
     has_graphs = graph_backend(args.device) is not None
     if args.graphs == "on" and not has_graphs:
@@ -509,6 +526,9 @@ def main(argv=None) -> Path:
         # the loop would run this target's forward eagerly under cuda_graphs=True
         print(f"graphs off: specops never graphs the forward of {type(target).__name__}")
         args.graphs = False
+    if args.specops_compile and not causal_lm(target).graph_safe:
+        print(f"specops compile off: {type(target).__name__} has no specops forward")
+        args.specops_compile = False
     import transformers
     now = datetime.datetime.now(datetime.timezone.utc)
     header = dict(command=" ".join(["python", *map(shlex.quote, sys.argv)]),
@@ -522,6 +542,7 @@ def main(argv=None) -> Path:
                   alphas=args.alphas, draft_lengths=args.draft_lengths,
                   new_tokens=args.new_tokens, prompt_len=args.prompt_len, reps=args.reps,
                   budget_s=args.budget_s, compile=args.compile, graphs=args.graphs,
+                  specops_compile=args.specops_compile,
                   graphs_option=args.graphs_option,
                   num_threads=torch.get_num_threads(),
                   build_seconds=build_seconds, drafter="synthetic (see bench_gpu_e2e.py)")

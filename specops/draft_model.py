@@ -49,10 +49,12 @@ class DraftRunner:
         vocab_size: the target's vocabulary size (logits are fitted to it).
         graphs: replay the one-token step from a device graph, CUDA or HPU, on the
             model's device (:mod:`specops.graphs`).
+        compile: run the one-token step through ``model.compiled()`` (``torch.compile``;
+            specops' own forward only); with ``graphs``, the graph captures it.
     """
 
     def __init__(self, model: CausalLM, batch_size: int, capacity: int, vocab_size: int,
-                 graphs: bool = False):
+                 graphs: bool = False, compile: bool = False):
         self.model = model
         self.cache = model.new_cache(batch_size, capacity)
         self.vocab_size = vocab_size
@@ -63,9 +65,10 @@ class DraftRunner:
         # verification keeps the output exact.
         self.max_token = model.vocab_size - 1
         cache = self.cache
+        step = model.compiled() if compile else model
 
         def one_token(token, lens, positions):
-            return model(token, cache, lens, positions)
+            return step(token, cache, lens, positions)
 
         # the autoregressive one-token step, the same shape every time: graphed on CUDA/HPU
         self._one_token = GraphedStep(one_token, device=self.device) if graphs else one_token
@@ -128,6 +131,14 @@ class DraftRunner:
                 logits = self._feed_tokens(token)
         draft = torch.stack(tokens, 1)
         return draft, (None if probs[0] is None else torch.stack(probs, 1))
+
+    def time_one_token(self) -> None:
+        """One one-token step on dummy tokens, through the same (graphed, compiled) step the
+        chain uses, for the loop's cost warm-up: it writes junk past each row's length
+        (never attended, overwritten later) and leaves ``cached`` as it was."""
+        lens = self._lens(self.cached)
+        token = torch.zeros(len(self.cached), 1, dtype=torch.int64, device=self.device)
+        self._one_token(token, lens, lens.long()[:, None])
 
     def _feed_tokens(self, token: Tensor) -> Tensor:
         lens = self._lens(self.cached)

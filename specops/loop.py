@@ -227,6 +227,17 @@ class SpeculativeGenerator:
             a cache for a large batch can take gigabytes). :meth:`release_graphs` frees
             them. :func:`specops.generate` builds a new generator each call, so it
             captures every time: reuse a generator to capture once.
+        compile: run the target's verify steps and the draft model's one-token step
+            through ``torch.compile`` (TorchInductor fuses the elementwise kernels that
+            specops' eager forward launches one by one; :meth:`SpecopsCausalLM.compiled`);
+            with ``cuda_graphs`` the graphs capture the compiled kernels. Prefills stay
+            eager (every prompt length would compile anew). Each step shape compiles at
+            its first use (seconds to a minute each), so reuse the generator. Off by
+            default: the one GPU run so far (an H200) measured specops' eager forward
+            replayed from graphs at 0.62x Hugging Face's compiled ``generate``, which is
+            what this is meant to close; the compiled path is tested for exactness on the
+            CPU and not yet measured on a GPU. Ignored for models without specops' forward
+            (:mod:`specops.models`).
 
     Attributes:
         costs: ``{batch size: {kind: CostModel}}``, the cost models of the cost-aware choices,
@@ -247,7 +258,8 @@ class SpeculativeGenerator:
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  eos_token_id: int | Sequence[int] | None = None,
                  stop_strings: Sequence[str] | None = None, tokenizer=None, draft_tokenizer=None,
-                 pad_token_id: int | None = None, cuda_graphs: bool = False):
+                 pad_token_id: int | None = None, cuda_graphs: bool = False,
+                 compile: bool = False):
         self.target = causal_lm(target)
         self.lookup: Proposer | None = None
         self.draft: CausalLM | None = None
@@ -309,6 +321,7 @@ class SpeculativeGenerator:
         self.costs: dict[int, dict[str, CostModel]] = {}
         self.cost: CostModel | None = None
         self.cuda_graphs = bool(cuda_graphs)
+        self.compile = bool(compile)
         self._graphed: _GraphedCaches | None = None
 
     def release_graphs(self) -> None:
@@ -434,11 +447,13 @@ class _GraphedCaches:
         target = gen.target
         cache = target.new_cache(batch, capacity)
         draft = (DraftRunner(gen.draft, batch, capacity, target.vocab_size,
-                             graphs=graphs and gen.draft.graph_safe)
+                             graphs=graphs and gen.draft.graph_safe,
+                             compile=gen.compile and gen.draft.graph_safe)
                  if gen.draft is not None else None)
+        step = target.compiled() if gen.compile and target.graph_safe else target
 
         def verify_forward(tokens, lens, positions, mask=None):
-            return target(tokens, cache, lens, positions, mask)
+            return step(tokens, cache, lens, positions, mask)
 
         if graphs and target.graph_safe:
             verify_forward = GraphedStep(verify_forward, device=target.device)
@@ -590,12 +605,10 @@ class _Run:
             verify = self._measure_verify(gen.max_draft_tokens + 1)
             costs = {}
             if self.draft is not None:
-                dlens = self._lens(self.draft.cached)
-                token = torch.zeros(self.batch, 1, dtype=torch.int64, device=self.device)
                 # the per-token cost the online fit starts from (CostModel.learn_draft): a
-                # cheap forward, so the least of three calls on the CPU too
-                draft_cost = self._time_warm(lambda: gen.draft(
-                    token, self.draft.cache, dlens, dlens.long()[:, None]), cpu_calls=3)
+                # cheap forward, so the least of three calls on the CPU too; through the
+                # step the chain runs (graphed and compiled when those are on)
+                draft_cost = self._time_warm(self.draft.time_one_token, cpu_calls=3)
                 costs["model"] = CostModel(verify_seconds=verify, draft_step_seconds=draft_cost)
             if gen.lookup is not None:
                 costs["lookup"] = CostModel(verify_seconds=verify, draft_step_seconds=0.0)
@@ -660,16 +673,23 @@ class _Run:
 
     def _time_warm(self, fn, cpu_calls: int = 1) -> float:
         """Seconds of ``fn()``: on a GPU the faster of two calls (the first compiles
-        kernels); on a CPU the fastest of ``cpu_calls`` (by default one: a target forward
-        costs up to a second there, and every step refines the estimate afterwards)."""
+        kernels, or captures a graph); on a CPU the fastest of ``cpu_calls`` (by default one:
+        a target forward costs up to a second there, and every step refines the estimate
+        afterwards), one more with ``compile`` (the first call compiles)."""
         calls = cpu_calls if self.device.type == "cpu" else 2
+        if self.device.type == "cpu" and self.gen.compile:
+            calls += 1      # a size's first compiled call compiles: seconds, not its cost
         return min(self._time(fn) for _ in range(calls))
 
     def _target_forward_dummy(self, lens: Tensor, n: int) -> None:
         # Writes junk past each row's length (never attended, overwritten by the next step).
+        # Through the verify step the loop runs: with graphs its first call of a size
+        # captures and _time_warm times the replay (an eager forward on a GPU costs its
+        # kernel launches, several times a replay: on the 2026-11-27 H200 run a one-token
+        # forward took 39-60 ms eager, a whole plain decoding step 6.2 ms with graphs).
         tokens = torch.zeros(self.batch, n, dtype=torch.int64, device=self.device)
         positions = lens.long()[:, None] + torch.arange(n, device=self.device)
-        self.gen.target(tokens, self.cache, lens, positions)
+        self.verify_forward(tokens, lens, positions)
 
     def _time(self, fn) -> float:
         if self.device.type == "cuda":
@@ -941,7 +961,7 @@ def generate(target: torch.nn.Module, input_ids: Tensor, *, draft=None,
              stop_strings: Sequence[str] | None = None, tokenizer=None,
              streamer: Callable[[list[list[int]]], None] | None = None,
              max_draft_tokens: int | None = None, cuda_graphs: bool = False,
-             **unsupported) -> GenerationOutput:
+             compile: bool = False, **unsupported) -> GenerationOutput:
     """Speculative generation: the target's output distribution, faster.
 
     Args:
@@ -960,6 +980,8 @@ def generate(target: torch.nn.Module, input_ids: Tensor, *, draft=None,
         streamer: called after every step with each row's new tokens (``list[list[int]]``).
         cuda_graphs: see :class:`SpeculativeGenerator` (CUDA, and HPU through
             ``habana_frameworks``, untested on hardware; ignored on CPU).
+        compile: see :class:`SpeculativeGenerator`. Each call builds a new generator, so
+            its steps may compile again: reuse a :class:`SpeculativeGenerator`.
 
     Returns:
         :class:`GenerationOutput`. Options of Hugging Face's ``generate`` that this loop
@@ -970,7 +992,7 @@ def generate(target: torch.nn.Module, input_ids: Tensor, *, draft=None,
         target, draft, num_draft_tokens=num_draft_tokens, max_draft_tokens=max_draft_tokens,
         tree=tree, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
         eos_token_id=eos_token_id, stop_strings=stop_strings, tokenizer=tokenizer,
-        cuda_graphs=cuda_graphs)
+        cuda_graphs=cuda_graphs, compile=compile)
     return generator.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens,
                               streamer=streamer)
 

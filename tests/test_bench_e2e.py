@@ -330,6 +330,23 @@ def test_bench_gpu_e2e_output_names_keep_a_dotted_pair(tmp_path):
                                                          path.name[:-4] + ".json"]
 
 
+def test_bench_gpu_e2e_specops_compile_row(tmp_path):
+    """--specops-compile on: specops plain decoding with compile=True as one more baseline,
+    its compile time recorded (off by default on the CPU: auto means CUDA only)."""
+    import bench_gpu_e2e
+    path = run_quiet(bench_gpu_e2e.main, [
+        "--tiny", "--device", "cpu", "--threads", "1", "--batches", "1", "--alphas", "1",
+        "--draft-lengths", "1", "--new-tokens", "4", "--specops-compile", "on", "--out",
+        str(tmp_path)])
+    with path.open(newline="") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f) if r["section"] == "baseline"}
+    compiled = rows["specops-plain-compiled"]
+    assert compiled["status"] == "ok" and compiled["compiled"] == "True"
+    assert compiled["graphs"] == "False" and float(compiled["compile_seconds"]) > 0
+    assert rows["specops-plain"]["compiled"] == "False"
+    assert bench_gpu_e2e.parse_args(["--tiny", "--device", "cpu"]).specops_compile is False
+
+
 def test_bench_gpu_e2e_graphs_option():
     import bench_gpu_e2e
     assert not bench_gpu_e2e.parse_args(["--tiny", "--device", "cpu"]).graphs

@@ -1,10 +1,12 @@
 """CUDA-graph replay of the loop's steps gives the same tokens as eager execution."""
 
+import copy
+
 import pytest
 import torch
 
 import specops
-from loop_models import tiny_pair
+from loop_models import assert_same_or_tie, hf_greedy, prompts, tiny_pair
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -44,3 +46,20 @@ def test_graphs_capture_with_full_checks():
     finally:
         specops.set_checks(before)
     assert torch.equal(runs[0].sequences, runs[1].sequences)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(num_draft_tokens=3)])
+def test_compiled_steps_in_graphs_keep_greedy_exact(options):
+    """compile=True with cuda_graphs=True: the graphs capture TorchInductor's kernels; the
+    output is still the target's own greedy output (compared on the CPU copy; a difference
+    must be a numerical tie there)."""
+    cpu_target, cpu_draft = tiny_pair("qwen2")
+    target, draft = copy.deepcopy(cpu_target).cuda(), copy.deepcopy(cpu_draft).cuda()
+    rows = prompts(cpu_target.config.vocab_size, [6, 6], seed=3)
+    gen = specops.SpeculativeGenerator(target, draft if options else None, eos_token_id=[],
+                                       cuda_graphs=True, compile=True, **options)
+    for _ in range(2):   # the second call replays the kept graphs
+        out = gen.generate(torch.tensor(rows).cuda(), max_new_tokens=16)
+    for b, row in enumerate(rows):
+        assert_same_or_tie(cpu_target, row, out.sequences[b, 6:].tolist(),
+                           hf_greedy(cpu_target, row, 16), f"{options} row {b}")

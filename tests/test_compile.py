@@ -1,0 +1,80 @@
+"""``SpeculativeGenerator(compile=True)``: the target's verify steps and the draft's one-token
+step run through ``torch.compile`` (TorchInductor on the CPU here); greedy output stays the
+target's own greedy output (or a shown numerical tie), and the compiled steps really ran."""
+
+import pytest
+import torch
+
+import specops
+from loop_models import assert_same_or_tie, drafters, hf_greedy, padded, prompts, tiny_pair
+from specops.models import SpecopsCausalLM
+
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_pair("qwen2")
+
+
+@pytest.fixture
+def compiled_calls(monkeypatch):
+    """Counts the calls of every function SpecopsCausalLM.compiled returns."""
+    calls = []
+    original = SpecopsCausalLM.compiled
+
+    def counting(self, **options):
+        step = original(self, **options)
+
+        def run(tokens, *args, **kwargs):
+            calls.append(tuple(tokens.shape))
+            return step(tokens, *args, **kwargs)
+        return run
+
+    monkeypatch.setattr(SpecopsCausalLM, "compiled", counting)
+    return calls
+
+
+@pytest.mark.parametrize("method", ["plain", "chain-3", "tree", "hybrid"])
+def test_compiled_greedy_equals_target_generate(pair, compiled_calls, method):
+    target, draft = pair
+    rows = prompts(target.config.vocab_size, [5, 1, 9])
+    ids, mask = padded(rows, "right")
+    gen = specops.SpeculativeGenerator(target, eos_token_id=[], compile=True,
+                                       **drafters(draft)[method])
+    out = gen.generate(ids, mask, max_new_tokens=NEW)
+    for b, row in enumerate(rows):
+        assert_same_or_tie(target, row, out.sequences[b, 9:9 + NEW].tolist(),
+                           hf_greedy(target, row, NEW), f"{method} row {b}")
+    # every decoding step went through a compiled step (plus the draft's one-token steps)
+    assert len(compiled_calls) >= out.stats.steps, (compiled_calls, out.stats.steps)
+    if method == "chain-3":   # the draft model's one-token step is compiled too
+        assert (3, 1) in compiled_calls and (3, 4) in compiled_calls, compiled_calls
+
+
+def test_compiled_cost_aware_chain(pair, compiled_calls):
+    """The cost warm-up times the compiled steps, after a call that compiles each size."""
+    target, draft = pair
+    rows = prompts(target.config.vocab_size, [6, 3])
+    ids, mask = padded(rows, "left")
+    gen = specops.SpeculativeGenerator(target, draft, eos_token_id=[], compile=True,
+                                       max_draft_tokens=3)
+    out = gen.generate(ids, mask, max_new_tokens=NEW)
+    for b, row in enumerate(rows):
+        assert_same_or_tie(target, row, out.sequences[b, 6:6 + NEW].tolist(),
+                           hf_greedy(target, row, NEW), f"row {b}")
+    model_cost = gen.costs[2]["model"]
+    # warm-up sizes 1, 2 and max_draft + 1, each called at least twice (compile, then timed)
+    for n in (1, 2, 4):
+        assert compiled_calls.count((2, n)) >= 2, compiled_calls
+        assert 0 < model_cost.verify_seconds[n] < 1.0, model_cost.verify_seconds
+
+
+def test_compile_is_off_by_default_and_ignored_for_hf_forward(pair, compiled_calls):
+    target, _ = pair
+    ids = torch.tensor([[3, 4, 5]])
+    specops.SpeculativeGenerator(target, eos_token_id=[]).generate(ids, max_new_tokens=3)
+    lm = specops.models.causal_lm(target, hf_forward=True)
+    specops.SpeculativeGenerator(lm, eos_token_id=[], compile=True).generate(
+        ids, max_new_tokens=3)
+    assert compiled_calls == []
