@@ -50,7 +50,8 @@ class DraftRunner:
         graphs: replay the one-token step from a device graph, CUDA or HPU, on the
             model's device (:mod:`specops.graphs`).
         compile: run the one-token step through ``model.compiled()`` (``torch.compile``;
-            specops' own forward only); with ``graphs``, the graph captures it.
+            specops' own forward only; with ``graphs``, the graph captures it) and the
+            prefill and catch-up feeds through ``model.compiled(any_length=True)``.
     """
 
     def __init__(self, model: CausalLM, batch_size: int, capacity: int, vocab_size: int,
@@ -66,6 +67,8 @@ class DraftRunner:
         self.max_token = model.vocab_size - 1
         cache = self.cache
         step = model.compiled() if compile else model
+        # prefill and catch-up feeds: every width, compiled once with dynamic shapes
+        self._feed_model = model.compiled(any_length=True) if compile else model
 
         def one_token(token, lens, positions):
             return step(token, cache, lens, positions)
@@ -98,8 +101,8 @@ class DraftRunner:
         lens = self._lens(self.cached)
         positions = lens.long()[:, None] + torch.arange(width, device=self.device)
         last = torch.tensor([max(len(n), 1) - 1 for n in new], device=self.device)
-        logits = self.model(tokens.to(self.device), self.cache, lens, positions,
-                            logits_index=last[:, None], prefill=prefill)
+        logits = self._feed_model(tokens.to(self.device), self.cache, lens, positions,
+                                  logits_index=last[:, None], prefill=prefill)
         self.cached = [c + len(n) for c, n in zip(self.cached, new)]
         return fit_vocab(logits[:, 0], self.vocab_size)
 

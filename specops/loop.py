@@ -230,10 +230,11 @@ class SpeculativeGenerator:
         compile: run the target's verify steps and the draft model's one-token step
             through ``torch.compile`` (TorchInductor fuses the elementwise kernels that
             specops' eager forward launches one by one; :meth:`SpecopsCausalLM.compiled`);
-            with ``cuda_graphs`` the graphs capture the compiled kernels. Prefills stay
-            eager (every prompt length would compile anew). Each step shape compiles at
-            its first use (seconds to a minute each), so reuse the generator. Off by
-            default: the one GPU run so far (an H200) measured specops' eager forward
+            with ``cuda_graphs`` the graphs capture the compiled kernels. Prefills (and
+            the draft's catch-up feeds) compile once with dynamic shapes for every length
+            (:meth:`SpecopsCausalLM.compiled` with ``any_length``); a draft model's tree
+            growth stays eager. Each step shape compiles at its first use (seconds to a
+            minute each), so reuse the generator. Off by default: the one GPU run so far (an H200) measured specops' eager forward
             replayed from graphs at 0.62x Hugging Face's compiled ``generate``, which is
             what this is meant to close; the compiled path is tested for exactness on the
             CPU and not yet measured on a GPU. Ignored for models without specops' forward
@@ -440,6 +441,7 @@ class _GraphedCaches:
     cache: object
     verify_forward: Callable[..., Tensor]
     draft: DraftRunner | None
+    prefill_forward: Callable[..., Tensor]    # the target, compiled for any length or not
 
     @classmethod
     def build(cls, gen: SpeculativeGenerator, batch: int, capacity: int,
@@ -450,14 +452,16 @@ class _GraphedCaches:
                              graphs=graphs and gen.draft.graph_safe,
                              compile=gen.compile and gen.draft.graph_safe)
                  if gen.draft is not None else None)
-        step = target.compiled() if gen.compile and target.graph_safe else target
+        compiled = gen.compile and target.graph_safe
+        step = target.compiled() if compiled else target
+        prefill = target.compiled(any_length=True) if compiled else target
 
         def verify_forward(tokens, lens, positions, mask=None):
             return step(tokens, cache, lens, positions, mask)
 
         if graphs and target.graph_safe:
             verify_forward = GraphedStep(verify_forward, device=target.device)
-        return cls(batch, capacity, cache, verify_forward, draft)
+        return cls(batch, capacity, cache, verify_forward, draft, prefill)
 
 
 class _Run:
@@ -478,6 +482,7 @@ class _Run:
         caches = gen._caches(self.batch, capacity, graphs)
         self.capacity, self.cache = caches.capacity, caches.cache
         self.verify_forward, self.draft = caches.verify_forward, caches.draft
+        self.prefill_forward = caches.prefill_forward
         self.seeds = gen.seed + torch.arange(self.batch, dtype=torch.int64, device=self.device)
         self.stats = GenerationStats()
         self.controllers: dict[str, DraftLengthController] = {}   # set up by loop()
@@ -534,9 +539,9 @@ class _Run:
                 tokens[b, :len(row) - 1] = torch.tensor(row[:-1])
             zeros = self._lens([0] * self.batch)
             positions = torch.arange(width, device=self.device).expand(self.batch, -1)
-            self.gen.target(tokens.to(self.device), self.cache, zeros, positions,
-                            logits_index=torch.zeros(self.batch, 1, dtype=torch.int64,
-                                                     device=self.device), prefill=True)
+            self.prefill_forward(tokens.to(self.device), self.cache, zeros, positions,
+                                 logits_index=torch.zeros(self.batch, 1, dtype=torch.int64,
+                                                          device=self.device), prefill=True)
         self.draft_prefilled = False
         if self.draft is not None and self.gen.lookup is None:
             self._prefill_draft()

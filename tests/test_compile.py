@@ -19,15 +19,20 @@ def pair():
 
 @pytest.fixture
 def compiled_calls(monkeypatch):
-    """Counts the calls of every function SpecopsCausalLM.compiled returns."""
-    calls = []
+    """The token shapes of every call of the step functions SpecopsCausalLM.compiled returns
+    (its any-length ones, for prefills and catch-up feeds, go to ``calls.any_length``)."""
+    class Calls(list):
+        any_length: list
+
+    calls = Calls()
+    calls.any_length = []
     original = SpecopsCausalLM.compiled
 
-    def counting(self, **options):
-        step = original(self, **options)
+    def counting(self, *, any_length=False, **options):
+        step = original(self, any_length=any_length, **options)
 
         def run(tokens, *args, **kwargs):
-            calls.append(tuple(tokens.shape))
+            (calls.any_length if any_length else calls).append(tuple(tokens.shape))
             return step(tokens, *args, **kwargs)
         return run
 
@@ -46,8 +51,10 @@ def test_compiled_greedy_equals_target_generate(pair, compiled_calls, method):
     for b, row in enumerate(rows):
         assert_same_or_tie(target, row, out.sequences[b, 9:9 + NEW].tolist(),
                            hf_greedy(target, row, NEW), f"{method} row {b}")
-    # every decoding step went through a compiled step (plus the draft's one-token steps)
+    # every decoding step went through a compiled step (plus the draft's one-token steps),
+    # the prefill (every prompt but its last token) through the any-length one
     assert len(compiled_calls) >= out.stats.steps, (compiled_calls, out.stats.steps)
+    assert compiled_calls.any_length[0] == (3, 8), compiled_calls.any_length
     if method == "chain-3":   # the draft model's one-token step is compiled too
         assert (3, 1) in compiled_calls and (3, 4) in compiled_calls, compiled_calls
 
@@ -77,4 +84,4 @@ def test_compile_is_off_by_default_and_ignored_for_hf_forward(pair, compiled_cal
     lm = specops.models.causal_lm(target, hf_forward=True)
     specops.SpeculativeGenerator(lm, eos_token_id=[], compile=True).generate(
         ids, max_new_tokens=3)
-    assert compiled_calls == []
+    assert compiled_calls == [] and compiled_calls.any_length == []

@@ -97,6 +97,9 @@ class SpecopsCausalLM:
             raise ValueError(f"specops.models: {self.num_kv_heads} kv heads must divide "
                              f"{self.num_heads} query heads")
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        # a bool here: compiled with dynamic shapes, an int comparison in the forward becomes
+        # a SymBool, which scaled_dot_product_attention's enable_gqa refuses
+        self.grouped = self.num_heads != self.num_kv_heads
         self.scale = self.head_dim ** -0.5
         self._layers = list(model.model.layers)
         self.num_layers = len(self._layers)
@@ -183,15 +186,22 @@ class SpecopsCausalLM:
 
     __call__ = forward
 
-    def compiled(self, **options):
+    def compiled(self, *, any_length: bool = False, **options):
         """:meth:`forward` with its tensor work compiled by ``torch.compile(fullgraph=True,
         **options)`` (TorchInductor: it fuses the elementwise kernels that eager mode
-        launches one by one, about 40 a layer). The input checks stay eager. Each new input
-        shape compiles once more (after the second, ``torch.compile``'s automatic dynamic
-        shapes take over), so it suits the fixed-shape steps of the loop, not prefills of
-        every prompt length. Used by ``SpeculativeGenerator(compile=True)``; with CUDA
-        graphs, the graph captures the compiled kernels."""
-        run = torch.compile(self._forward, fullgraph=True, **options)
+        launches one by one, about 40 a layer). The input checks stay eager.
+
+        By default for the loop's fixed-shape steps: each new input shape compiles once more
+        (after the second, ``torch.compile``'s automatic dynamic shapes take over).
+        ``any_length=True`` is for calls of every length (prefills, a draft's catch-up): it
+        compiles with dynamic shapes (``dynamic=True`` unless ``options`` say otherwise)
+        under a code object of its own, so its compiled code stays apart from the steps'
+        specialised one. Used by ``SpeculativeGenerator(compile=True)``; with CUDA graphs,
+        the graph captures the compiled kernels."""
+        if any_length:
+            options.setdefault("dynamic", True)
+        run = torch.compile(self._forward_any_length if any_length else self._forward,
+                            fullgraph=True, **options)
 
         def forward(tokens, cache, cache_lens, positions, mask=None, *, logits_index=None,
                     prefill=False):
@@ -201,6 +211,11 @@ class SpecopsCausalLM:
                 return run(tokens, cache, cache_lens, positions, mask, logits_index, prefill)
 
         return forward
+
+    def _forward_any_length(self, *args):
+        # _forward under another code object: torch.compile keeps compiled code per code
+        # object, so compiled(any_length=True) does not share (or turn dynamic) the steps'
+        return self._forward(*args)
 
     def _forward(self, tokens, cache, cache_lens, positions, mask, logits_index, prefill):
         inner = self.hf_model.model
@@ -224,7 +239,7 @@ class SpecopsCausalLM:
             if prefill:
                 out = F.scaled_dot_product_attention(
                     q.transpose(1, 2), k, v, is_causal=True, scale=self.scale,
-                    enable_gqa=self.num_heads != self.num_kv_heads).transpose(1, 2)
+                    enable_gqa=self.grouped).transpose(1, 2)
             else:
                 out = tree_attention(q, keys, values, cache_lens, mask, scale=self.scale)
             hidden = hidden + _linear(out.reshape(batch, num_new, -1), attn.o_proj)
