@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One run on a GPU machine (H100/H200; needs no network), from the repo root, in under 9 minutes
-# (BUDGET_S, default 520 s, for the whole script; a step that would start with less than 10 s
+# One run on a GPU machine (H100/H200; needs no network), from the repo root, in under 10 minutes
+# (BUDGET_S, default 560 s, for the whole script; a step that would start with less than 10 s
 # left is skipped, and each step is cut at its own cap and at the deadline):
 #   1. build the extension at -O1 (150 s), then bench/error_probe.py (60 s): does a bad input
 #      to a C++ kernel raise or crash the process (with cuda-gdb's backtrace of a crash);
@@ -11,14 +11,18 @@
 #      baselines first (specops-plain, specops-plain-graphs, specops-plain-graphs-compiled,
 #      hf-eager, hf-static-compiled),
 #      then a few loop points with CUDA graphs;
+#   3b. bench/profile_decode.py (100 s): kernel time against wall time per token, and the
+#       busiest kernels, of specops plain decoding (graphs, graphs + compile) and Hugging
+#       Face's compiled generate;
 #   4. the quick op benchmark (100 s);
 #   5. the test files with CUDA paths, in 8 processes where pytest-xdist is installed, up to
 #      20 failures (150 s);
 #   6. compute-sanitizer memcheck + racecheck on a few calls of every Triton kernel (60 s each).
 # Logs and results go to $OUT (default: a new temporary folder):
 #   env.txt build.log errors.log gpu_tests.log e2e.log gpu_e2e_qwen2.5-1.5b_<UTC date-time>.json
-#   gpu_e2e_qwen2.5-1.5b_<UTC date-time>.csv bench.log pytest.log memcheck.log racecheck.log
-#   ops_gpu.csv summary.txt (13 files: pack them into one archive where fewer may travel)
+#   gpu_e2e_qwen2.5-1.5b_<UTC date-time>.csv profile.log profile_qwen2.5-1.5b_<date-time>.json
+#   bench.log pytest.log memcheck.log racecheck.log ops_gpu.csv summary.txt (15 files: pack
+#   them into one archive where fewer may travel)
 # ops_gpu.csv is bench/results/ops_gpu.csv after the run (earlier rows + this run's);
 # copy it back over bench/results/ops_gpu.csv to record the run, and the gpu_e2e_* files to
 # bench/results/gpu_e2e/. summary.txt has every step's exit status (124 = timed out) and the
@@ -26,12 +30,14 @@
 #
 #   OUT=/some/dir bash bench/run_gpu.sh
 #   BENCH_ARGS="--smoke --device cpu" SKIP_BUILD=1 SKIP_TESTS=1 \
-#     E2E_ARGS="--tiny --device cpu --alphas 0.8 --draft-lengths 2" bash bench/run_gpu.sh
+#     E2E_ARGS="--tiny --device cpu --alphas 0.8 --draft-lengths 2" \
+#     PROFILE_ARGS="--tiny --device cpu --modes specops-plain" bash bench/run_gpu.sh
 # The last is a dry run on a CPU, in seconds (SKIP_E2E=1 instead of E2E_ARGS skips that step;
 # without either, the e2e step asks for CUDA and fails at once on a CPU-only machine).
-# SKIP_BUILD, SKIP_TESTS (steps 2 and 5) and SKIP_E2E skip steps; BENCH_ARGS and E2E_ARGS
-# replace the arguments of the op benchmark and of bench_gpu_e2e.py (the script adds
-# --budget-s before them and --out "$OUT" after them).
+# SKIP_BUILD, SKIP_TESTS (steps 2 and 5) and SKIP_E2E skip steps; BENCH_ARGS, E2E_ARGS and
+# PROFILE_ARGS replace the arguments of the op benchmark, of bench_gpu_e2e.py (the script adds
+# --budget-s before them and --out "$OUT" after them) and of profile_decode.py (--out "$OUT"
+# added).
 set -uo pipefail
 
 PY=${PYTHON:-python3}
@@ -39,7 +45,9 @@ OUT=${OUT:-$(mktemp -d)}
 BENCH_ARGS=${BENCH_ARGS:---quick --device cuda}
 E2E_DEFAULT="--device cuda --pair qwen2.5-1.5b --batches 1 --alphas 0.8 --draft-lengths 2,4"
 E2E_ARGS=${E2E_ARGS:-$E2E_DEFAULT --reps 3}
-DEADLINE=$((SECONDS + ${BUDGET_S:-520}))
+PROFILE_DEFAULT="--pair qwen2.5-1.5b --reps 1"
+PROFILE_ARGS=${PROFILE_ARGS:-$PROFILE_DEFAULT --modes specops-plain-graphs,specops-plain-graphs-compiled,hf-static-compiled}
+DEADLINE=$((SECONDS + ${BUDGET_S:-560}))
 mkdir -p "$OUT"
 : >"$OUT/summary.txt"
 
@@ -101,6 +109,11 @@ if [[ -z ${SKIP_E2E:-} ]]; then
   e2e_budget=$((e2e_cap > 60 ? e2e_cap - 30 : e2e_cap / 2))
   step e2e 180 "$PY" bench/bench_gpu_e2e.py --budget-s "$e2e_budget" $E2E_ARGS --out "$OUT"
 fi
+
+# 3b. Where a decoding step's time goes (bench/profile_decode.py): kernel time against wall
+#     time per token, kernels per token and the busiest kernels, for specops plain decoding
+#     with graphs, with graphs and compile, and Hugging Face's compiled generate.
+step profile 100 "$PY" bench/profile_decode.py $PROFILE_ARGS --out "$OUT"
 
 # 4. The quick op benchmark, before the suite: the suite's 8 processes left a load average of
 #    52 behind them on 16 cores in the 2026-11-27 run, which its eager timings then carried.
