@@ -358,7 +358,7 @@ def run_batch(args, target, draft_lm, batch: int, budget: Budget, log) -> list[d
     # needs; also the eager warm-up), then specops plain decoding timed as the baseline: eager,
     # and with CUDA graphs when they are on (after one untimed call: module docstring).
     out = specops.generate(target, prompts, max_new_tokens=args.new_tokens + max_g,
-                           eos_token_id=[])
+                           eos_token_id=[], cuda_graphs=False)
     recorded = [r[:args.prompt_len + n] for r, n in zip(out.sequences.tolist(),
                                                         out.num_new_tokens)]
 

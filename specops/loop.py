@@ -219,8 +219,12 @@ class SpeculativeGenerator:
         cuda_graphs: replay the target's verify step and the draft's one-token step from
             device graphs captured once per shape (:mod:`specops.graphs`): CUDA graphs on
             CUDA, and HPU graphs through ``habana_frameworks.torch`` on Intel Gaudi
-            (untested on hardware); ignored on CPU. Off by default until it has been
-            verified on a GPU. The graphs replay into KV caches at fixed addresses, so the
+            (untested on hardware); ignored on CPU. ``None`` (the default): on for a
+            target on CUDA, off elsewhere (HPU graphs only when asked for, being untested).
+            On an H200 (2026-11-27) the graph tests passed and plain decoding at the
+            Qwen2.5-1.5B shape ran 6.6x faster with graphs than eagerly (160.5 against 24.1
+            tokens/s; eager, each of specops' many small kernels pays its launch), so CUDA
+            users get them unless they pass ``False``. The graphs replay into KV caches at fixed addresses, so the
             generator keeps the last call's caches and graphs and the next call with the
             same batch size and no more room needed (prompt + ``max_new_tokens``) reuses
             them without capturing again; another call replaces them (one set is kept, as
@@ -259,7 +263,7 @@ class SpeculativeGenerator:
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  eos_token_id: int | Sequence[int] | None = None,
                  stop_strings: Sequence[str] | None = None, tokenizer=None, draft_tokenizer=None,
-                 pad_token_id: int | None = None, cuda_graphs: bool = False,
+                 pad_token_id: int | None = None, cuda_graphs: bool | None = None,
                  compile: bool = False):
         self.target = causal_lm(target)
         self.lookup: Proposer | None = None
@@ -321,7 +325,7 @@ class SpeculativeGenerator:
         # pass over B rows costs more than over one, so each batch size is measured apart
         self.costs: dict[int, dict[str, CostModel]] = {}
         self.cost: CostModel | None = None
-        self.cuda_graphs = bool(cuda_graphs)
+        self.cuda_graphs = None if cuda_graphs is None else bool(cuda_graphs)
         self.compile = bool(compile)
         self._graphed: _GraphedCaches | None = None
 
@@ -478,7 +482,8 @@ class _Run:
         tree = gen.tree
         lookahead = (tree.num_nodes if tree else gen.max_draft_tokens + 1) + 1
         capacity = max(self.prompt_lens) + max_new_tokens + lookahead
-        graphs = gen.cuda_graphs and graph_backend(self.device) is not None
+        graphs = (self.device.type == "cuda" if gen.cuda_graphs is None else
+                  gen.cuda_graphs and graph_backend(self.device) is not None)
         caches = gen._caches(self.batch, capacity, graphs)
         self.capacity, self.cache = caches.capacity, caches.cache
         self.verify_forward, self.draft = caches.verify_forward, caches.draft
@@ -965,7 +970,7 @@ def generate(target: torch.nn.Module, input_ids: Tensor, *, draft=None,
              eos_token_id: int | Sequence[int] | None = None,
              stop_strings: Sequence[str] | None = None, tokenizer=None,
              streamer: Callable[[list[list[int]]], None] | None = None,
-             max_draft_tokens: int | None = None, cuda_graphs: bool = False,
+             max_draft_tokens: int | None = None, cuda_graphs: bool | None = None,
              compile: bool = False, **unsupported) -> GenerationOutput:
     """Speculative generation: the target's output distribution, faster.
 
@@ -983,8 +988,8 @@ def generate(target: torch.nn.Module, input_ids: Tensor, *, draft=None,
             uses seed ``seed + b``.
         eos_token_id, stop_strings, tokenizer: where rows end.
         streamer: called after every step with each row's new tokens (``list[list[int]]``).
-        cuda_graphs: see :class:`SpeculativeGenerator` (CUDA, and HPU through
-            ``habana_frameworks``, untested on hardware; ignored on CPU).
+        cuda_graphs: see :class:`SpeculativeGenerator` (None: on for CUDA; HPU through
+            ``habana_frameworks`` when True, untested on hardware; ignored on CPU).
         compile: see :class:`SpeculativeGenerator`. Each call builds a new generator, so
             its steps may compile again: reuse a :class:`SpeculativeGenerator`.
 

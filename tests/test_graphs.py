@@ -63,3 +63,15 @@ def test_compiled_steps_in_graphs_keep_greedy_exact(options):
     for b, row in enumerate(rows):
         assert_same_or_tie(cpu_target, row, out.sequences[b, 6:].tolist(),
                            hf_greedy(cpu_target, row, 16), f"{options} row {b}")
+
+
+def test_graphs_are_on_by_default_on_cuda():
+    target, draft = cuda_pair()
+    ids = torch.randint(2, 64, (2, 5), generator=torch.Generator().manual_seed(2)).cuda()
+    gen = specops.SpeculativeGenerator(target, draft, num_draft_tokens=2, eos_token_id=[])
+    default = gen.generate(ids, max_new_tokens=12)
+    assert isinstance(gen._graphed.verify_forward, specops.graphs.GraphedStep)
+    assert gen._graphed.verify_forward.graphs and gen._graphed.draft._one_token.graphs
+    eager = specops.generate(target, ids, draft=draft, num_draft_tokens=2, max_new_tokens=12,
+                             eos_token_id=[], cuda_graphs=False)
+    assert torch.equal(default.sequences, eager.sequences)

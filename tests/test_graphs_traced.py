@@ -199,3 +199,14 @@ def test_warm_up_costs_are_measured_through_the_graphed_steps(pair, cpu_graphs):
     verify_sizes = {key[0][0][1] for key in gen._graphed.verify_forward.graphs}
     assert {1, 2, 5} <= verify_sizes, verify_sizes
     assert gen._graphed.draft._one_token.graphs
+
+
+def test_graphs_default_to_cuda_only(pair, cpu_graphs):
+    """cuda_graphs=None (the default) means CUDA graphs for a target on CUDA and nothing
+    elsewhere: here the CPU has a (stand-in) graph backend, and it stays unused."""
+    target, draft = pair
+    gen = specops.SpeculativeGenerator(target, draft, num_draft_tokens=2, eos_token_id=[])
+    assert gen.cuda_graphs is None
+    ids, mask = padded(prompts(target.config.vocab_size, [5, 9]), "left")
+    gen.generate(ids, mask, max_new_tokens=4)
+    assert cpu_graphs == [] and gen._graphed is None
