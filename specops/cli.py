@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "fewer threads than cores avoid stalls in multi-token forwards")
     gen.add_argument("--no-chat-template", action="store_true",
                      help="feed the prompt as is instead of through the chat template")
+    gen.add_argument("--compile", action="store_true",
+                     help="run the decoding steps through torch.compile (SpeculativeGenerator's "
+                          "compile=True; the first steps compile, for seconds or a minute)")
     gen.add_argument("--compare", action="store_true",
                      help="also decode with the target alone and report the speedup")
     gen.add_argument("--json", action="store_true",
@@ -128,7 +131,7 @@ def check_options(args: argparse.Namespace) -> dict:
     if no_draft and num_draft:
         raise CliError("--num-draft needs a drafter, not --draft none")
     return dict(num_draft_tokens=num_draft, tree=tree, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                top_k=args.top_k, top_p=args.top_p, seed=args.seed, compile=args.compile)
 
 
 def read_prompt(args: argparse.Namespace) -> str:

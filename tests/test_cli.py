@@ -224,3 +224,22 @@ def test_tree_size_is_cost_aware_unless_a_draft_length_is_given():
     options = cli.check_options(parser.parse_args(["generate", "x", "--tree", "2,2,4",
                                                    "--num-draft", "3"]))
     assert not options["tree"].adaptive and options["tree"].num_nodes == 4
+
+
+def test_compile_flag_reaches_the_generators(folders, capsys, monkeypatch):
+    """--compile: the generator (and the --compare plain one) run with compile=True."""
+    import specops
+    seen = []
+    original = specops.SpeculativeGenerator.__init__
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs.get("compile"))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(specops.SpeculativeGenerator, "__init__", recording)
+    code, out, err = run(capsys, *base(folders), "--num-draft", "2", "--compare", "--json")
+    assert code == 0, err
+    code, out, err = run(capsys, *base(folders), "--num-draft", "2", "--compare", "--json",
+                         "--compile")
+    assert code == 0, err
+    assert seen == [False, False, True, True]
