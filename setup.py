@@ -45,7 +45,7 @@ class CMakeBuild(build_ext):
             f"-DSPECOPS_OUTPUT_DIR={output.parent}",
             f"-DSPECOPS_OUTPUT_NAME={output.name}",
             # -O1 for a quick build whose CPU kernels are not timed (CMakeLists.txt)
-            f"-DSPECOPS_OPT={os.environ.get('SPECOPS_OPT', '-O3')}",
+            "-DSPECOPS_OPT=" + os.environ.get("SPECOPS_OPT", "-O3"),
         ]
         subprocess.run(configure, check=True)
         jobs = str(os.cpu_count() or 1)

@@ -18,9 +18,9 @@ them, get no graphs):
   uses them by default for a target on CUDA (``cuda_graphs=None``; ``False`` turns them
   off): on that H200 they made plain decoding 6.6x faster than eager, though specops'
   unfused forward replayed from graphs was still slower than Hugging Face's compiled one
-  (BENCHMARKS.md, "GPU"). The loop's side of it (a capture per shape, static inputs, replays, the
-  switching between draft lengths) runs on every machine against a stand-in backend that
-  traces each step once and replays the trace (``tests/test_graphs_traced.py``).
+  (BENCHMARKS.md, "GPU"). The loop's side of it (a capture per shape, static inputs,
+  replays, the switching between draft lengths) runs on every machine against a stand-in
+  backend that traces each step once and replays the trace (``tests/test_graphs_traced.py``).
 - ``"hpu"``: Intel Gaudi's ``HPUGraph`` from ``habana_frameworks.torch``, imported only when
   an HPU step is built. A thin adapter that has **never run on Gaudi hardware**: it follows
   the vendor's documented capture/replay pattern and is exercised only against a stand-in

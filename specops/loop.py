@@ -219,30 +219,31 @@ class SpeculativeGenerator:
         cuda_graphs: replay the target's verify step and the draft's one-token step from
             device graphs captured once per shape (:mod:`specops.graphs`): CUDA graphs on
             CUDA, and HPU graphs through ``habana_frameworks.torch`` on Intel Gaudi
-            (untested on hardware); ignored on CPU. ``None`` (the default): on for a
-            target on CUDA, off elsewhere (HPU graphs only when asked for, being untested).
-            On an H200 (2026-11-27) the graph tests passed and plain decoding at the
-            Qwen2.5-1.5B shape ran 6.6x faster with graphs than eagerly (160.5 against 24.1
-            tokens/s; eager, each of specops' many small kernels pays its launch), so CUDA
-            users get them unless they pass ``False``. The graphs replay into KV caches at fixed addresses, so the
-            generator keeps the last call's caches and graphs and the next call with the
-            same batch size and no more room needed (prompt + ``max_new_tokens``) reuses
-            them without capturing again; another call replaces them (one set is kept, as
-            a cache for a large batch can take gigabytes). :meth:`release_graphs` frees
-            them. :func:`specops.generate` builds a new generator each call, so it
-            captures every time: reuse a generator to capture once.
-        compile: run the target's verify steps and the draft model's one-token step
-            through ``torch.compile`` (TorchInductor fuses the elementwise kernels that
-            specops' eager forward launches one by one; :meth:`SpecopsCausalLM.compiled`);
-            with ``cuda_graphs`` the graphs capture the compiled kernels. Prefills (and
-            the draft's catch-up feeds) compile once with dynamic shapes for every length
+            (untested on hardware); ignored on CPU. ``None`` (the default): on for a target
+            on CUDA, off elsewhere (HPU graphs only when asked for, being untested). On an
+            H200 (2026-11-27) the graph tests passed and plain decoding at the Qwen2.5-1.5B
+            shape ran 6.6x faster with graphs than eagerly (160.5 against 24.1 tokens/s;
+            eager, each of specops' many small kernels pays its launch), so CUDA users get
+            them unless they pass ``False``. The graphs replay into KV caches at fixed
+            addresses, so the generator keeps the last call's caches and graphs and the next
+            call with the same batch size and no more room needed (prompt +
+            ``max_new_tokens``) reuses them without capturing again; another call replaces
+            them (one set is kept, as a cache for a large batch can take gigabytes).
+            :meth:`release_graphs` frees them. :func:`specops.generate` builds a new
+            generator each call, so it captures every time: reuse a generator to capture
+            once.
+        compile: run the target's verify steps and the draft model's one-token step through
+            ``torch.compile`` (TorchInductor fuses the elementwise kernels that specops'
+            eager forward launches one by one; :meth:`SpecopsCausalLM.compiled`); with
+            ``cuda_graphs`` the graphs capture the compiled kernels. Prefills (and the
+            draft's catch-up feeds) compile once with dynamic shapes for every length
             (:meth:`SpecopsCausalLM.compiled` with ``any_length``); a draft model's tree
             growth stays eager. Each step shape compiles at its first use (seconds to a
-            minute each), so reuse the generator. Off by default: the one GPU run so far (an H200) measured specops' eager forward
-            replayed from graphs at 0.62x Hugging Face's compiled ``generate``, which is
-            what this is meant to close; the compiled path is tested for exactness on the
-            CPU and not yet measured on a GPU. Ignored for models without specops' forward
-            (:mod:`specops.models`).
+            minute each), so reuse the generator. Off by default: the one GPU run so far (an
+            H200) measured specops' eager forward replayed from graphs at 0.62x Hugging
+            Face's compiled ``generate``, which is what this is meant to close; the compiled
+            path is tested for exactness on the CPU and not yet measured on a GPU. Ignored
+            for models without specops' forward (:mod:`specops.models`).
 
     Attributes:
         costs: ``{batch size: {kind: CostModel}}``, the cost models of the cost-aware choices,
