@@ -131,8 +131,12 @@ def model_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     """
     if kernel_serves(x):
         return skinny_linear(x, weight, bias)
+    # Not under torch.compile: TorchInductor picks its own CPU linears, and its lowering of
+    # this op asserts under dynamic shapes (a compiled prefill of a 173-token prompt at the
+    # Qwen2.5-1.5B shape: "LoweringException: AssertionError: mkldnn._linear_pointwise").
     if (_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32
-            and ops.get_backend() == "kernels" and weight.is_contiguous() and x.numel() > 0):
+            and ops.get_backend() == "kernels" and weight.is_contiguous() and x.numel() > 0
+            and not torch.compiler.is_compiling()):
         rows = x.reshape(-1, x.shape[-1])
         return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "").view(
             *x.shape[:-1], -1)

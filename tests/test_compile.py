@@ -85,3 +85,18 @@ def test_compile_is_off_by_default_and_ignored_for_hf_forward(pair, compiled_cal
     specops.SpeculativeGenerator(lm, eos_token_id=[], compile=True).generate(
         ids, max_new_tokens=3)
     assert compiled_calls == [] and compiled_calls.any_length == []
+
+
+def test_compiled_prefill_past_the_kernels_rows(pair, compiled_calls):
+    """A float32 prompt longer than specops.linear_ops.MAX_ROWS rows goes to oneDNN's linear
+    when eager; compiled (dynamic shapes) it must not: TorchInductor's lowering of that op
+    asserted on a 173-token prompt at the Qwen2.5-1.5B shape."""
+    from specops.linear_ops import MAX_ROWS
+    target, _ = pair
+    rows = prompts(target.config.vocab_size, [MAX_ROWS[torch.float32] + 9])
+    ids = torch.tensor(rows)
+    gen = specops.SpeculativeGenerator(target, eos_token_id=[], compile=True)
+    out = gen.generate(ids, max_new_tokens=4)
+    assert_same_or_tie(target, rows[0], out.sequences[0, ids.shape[1]:].tolist(),
+                       hf_greedy(target, rows[0], 4), "long prompt")
+    assert compiled_calls.any_length == [(1, MAX_ROWS[torch.float32] + 8)]
