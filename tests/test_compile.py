@@ -100,3 +100,18 @@ def test_compiled_prefill_past_the_kernels_rows(pair, compiled_calls):
     assert_same_or_tie(target, rows[0], out.sequences[0, ids.shape[1]:].tolist(),
                        hf_greedy(target, rows[0], 4), "long prompt")
     assert compiled_calls.any_length == [(1, MAX_ROWS[torch.float32] + 8)]
+
+
+def test_a_larger_cache_does_not_compile_again(pair):
+    """A call needing more room builds a larger cache; its capacity is marked dynamic, so
+    the compiled steps serve it without compiling again."""
+    from torch._dynamo.utils import counters
+    target, _ = pair
+    ids = torch.tensor(prompts(target.config.vocab_size, [7]))
+    gen = specops.SpeculativeGenerator(target, eos_token_id=[], compile=True)
+    gen.generate(ids, max_new_tokens=3)   # compiles the prefill and the one-token step
+    before = counters["stats"]["unique_graphs"]
+    out = gen.generate(ids, max_new_tokens=20)
+    assert counters["stats"]["unique_graphs"] == before
+    assert_same_or_tie(target, ids[0].tolist(), out.sequences[0, 7:].tolist(),
+                       hf_greedy(target, ids[0].tolist(), 20), "larger cache")

@@ -202,11 +202,19 @@ class SpecopsCausalLM:
             options.setdefault("dynamic", True)
         run = torch.compile(self._forward_any_length if any_length else self._forward,
                             fullgraph=True, **options)
+        marked = []   # the last cache whose capacity was marked dynamic
 
         def forward(tokens, cache, cache_lens, positions, mask=None, *, logits_index=None,
                     prefill=False):
             self._check_inputs(tokens, cache, cache_lens, positions, mask, logits_index,
                                prefill)
+            if not marked or marked[0] is not cache:
+                # a cache of another capacity (a call with more new tokens) would otherwise
+                # compile every step shape again (tens of seconds at the Qwen2.5-1.5B shape
+                # on the CPU); nothing specialises on the capacity
+                for t in cache.tensors():
+                    torch._dynamo.maybe_mark_dynamic(t, 2)
+                marked[:] = [cache]
             with torch.no_grad():
                 return run(tokens, cache, cache_lens, positions, mask, logits_index, prefill)
 
