@@ -45,9 +45,10 @@ static-cache path may use CUDA graphs of its own through ``torch.compile``'s
 keeps its caches and graphs between calls of the same batch size and room (``cuda_graphs`` in
 its docstring); with graphs, one untimed call captures them and the timed calls replay them,
 as an engine serving requests would (``specops.generate`` alone would capture at every
-call). The synthetic drafter's draft-model forwards are never
-graphed (they run in the drafter, outside the loop's graphed steps), so in ``loop`` rows with
-graphs only the target's verify forward is replayed from a graph.
+call). With graphs the synthetic drafter replays its draft model's one-token step from a
+graph too (its own ``GraphedStep``, kept across repetitions as the loop's draft runner keeps
+its own; before 2026-11-27 14:50 UTC it ran eagerly, 47 ms a forward on the H200, which made
+that run's loop rows meaningless).
 
 Measured, for each batch size in ``--batches``:
 - ``verify_cost``: the target's forward (specops' static-cache forward, the one the loop uses)
@@ -120,7 +121,7 @@ from bench_ops import git_commit, machine  # noqa: E402
 
 import specops  # noqa: E402
 from specops import PromptLookup  # noqa: E402
-from specops.graphs import graph_backend  # noqa: E402
+from specops.graphs import GraphedStep, graph_backend  # noqa: E402
 from specops.models import causal_lm  # noqa: E402
 
 # Shapes of the public configs (config.json of each checkpoint); rope scaling and special
@@ -200,27 +201,38 @@ class SyntheticDrafter(PromptLookup):
     """
 
     def __init__(self, recorded: list[list[int]], alpha: float, draft_lm, vocab_size: int,
-                 seed: int = 0):
+                 seed: int = 0, graphs: bool = False):
         super().__init__(max_ngram=1, min_ngram=1, num_draft=8)
         self.recorded = recorded
         self.alpha = alpha
         self.draft_lm = draft_lm
         self.vocab_size = vocab_size
+        self.graphs = graphs
+        self.cache = self._one_token = None   # built at the first draft step, then kept
         self.reset(seed)
 
     def reset(self, seed: int) -> None:
-        """A fresh start for the next call (its draft cache is prefilled again), drawing
+        """A fresh start for the next call (its draft cache is prefilled again; the cache
+        and its graphed step are kept, as the loop's draft runner keeps its own), drawing
         from ``seed``: one drafter, and so one generator, serves every repetition."""
         self.rng = np.random.default_rng(seed)
-        self.cache = None
+        self.prefilled = False
         self.drifted = [False] * len(self.recorded)
         self.checked = [0] * len(self.recorded)
 
     def _pay_draft_cost(self, rows, num_draft: int) -> None:
         lm, batch = self.draft_lm, len(rows)
-        if self.cache is None:   # first step: prefill the prompts, like a real draft model
+        if self.cache is None:
             capacity = max(len(r) for r in self.recorded) + 16
-            self.cache = lm.new_cache(batch, capacity)
+            cache = self.cache = lm.new_cache(batch, capacity)
+
+            def one_token(token, lens, positions):
+                return lm(token, cache, lens, positions)
+            # like the loop's draft runner: the one-token step replayed from a device graph
+            self._one_token = (GraphedStep(one_token, device=lm.device) if self.graphs
+                               else one_token)
+        if not self.prefilled:   # first step: prefill the prompts, like a real draft model
+            self.prefilled = True
             width = min(len(r) for r in rows) - 1
             if width > 0:
                 tokens = torch.tensor([r[:width] for r in rows], device=lm.device)
@@ -234,7 +246,7 @@ class SyntheticDrafter(PromptLookup):
                             dtype=torch.int32, device=lm.device)
         token = torch.tensor([[r[-1]] for r in rows], device=lm.device)
         for j in range(num_draft):   # the logits are discarded: only the cost matters
-            lm(token, self.cache, lens + j, (lens + j).long()[:, None])
+            self._one_token(token, lens + j, (lens + j).long()[:, None])
 
     def propose(self, rows, num_draft: int) -> list[list[int]]:
         if self.draft_lm is not None and num_draft > 0:
@@ -412,7 +424,7 @@ def run_batch(args, target, draft_lm, batch: int, budget: Budget, log) -> list[d
                 rows.append(log(dict(base, status="skipped (budget)")))
                 continue
             times, stats, drift = [], None, 0
-            drafter = SyntheticDrafter(recorded, alpha, draft_lm, vocab)
+            drafter = SyntheticDrafter(recorded, alpha, draft_lm, vocab, graphs=args.graphs)
             gen = specops.SpeculativeGenerator(target, drafter, num_draft_tokens=g,
                                                eos_token_id=[], cuda_graphs=args.graphs)
 

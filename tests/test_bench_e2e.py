@@ -532,3 +532,28 @@ def test_plot_reads_a_run_under_todays_method_names(tmp_path):
     assert [r["method"] for r in renamed] == ["hybrid-compare", "hybrid", "plain"]
     kept = plot.read_csv(tmp_path / "e2e_20990101T000000Z_summary.csv")
     assert [r["method"] for r in kept] == ["hybrid", "hybrid-lookup-first", "plain"]
+
+
+def test_synthetic_drafter_graphs_its_draft_step(cpu_graphs):
+    """With graphs the drafter's one-token draft forward is replayed from a graph (captured
+    once, kept across resets like the loop's draft runner), proposing as it does eagerly."""
+    import bench_gpu_e2e
+    import specops.graphs
+    from specops.models import causal_lm
+    shape = dict(bench_gpu_e2e.SHAPES["qwen2.5-0.5b"], **bench_gpu_e2e.TINY)
+    draft = causal_lm(bench_gpu_e2e.build_model("qwen2", shape, torch.float32, "cpu", 1, False,
+                                                64))
+    recorded = [list(range(2, 30)), list(range(5, 33))]
+    proposals = {}
+    for graphs in (False, True):
+        drafter = bench_gpu_e2e.SyntheticDrafter(recorded, 0.6, draft, shape["vocab_size"],
+                                                 graphs=graphs)
+        got = []
+        for seed in (3, 4):   # two calls: reset keeps the cache and its graphed step
+            drafter.reset(seed)
+            got.append(drafter.propose([r[:10] for r in recorded], 3))
+            got.append(drafter.propose([r[:13] for r in recorded], 2))
+        proposals[graphs] = got
+        assert isinstance(drafter._one_token, specops.graphs.GraphedStep) == graphs
+    assert proposals[True] == proposals[False]
+    assert EagerReplayGraphs.captures == 1   # one shape, captured once in both calls
