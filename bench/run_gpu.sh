@@ -5,7 +5,7 @@
 #   1. build the extension at -O1 (150 s), then bench/error_probe.py (60 s): does a bad input
 #      to a C++ kernel raise or crash the process (with cuda-gdb's backtrace of a crash);
 #   2. the GPU graph tests: tests/test_graphs.py and the CUDA tests of tests/test_models.py
-#      (90 s);
+#      (150 s: with compile=True tests, each compiling a tiny model);
 #   3. the end-to-end plain-decoding target, bench/bench_gpu_e2e.py on the Qwen2.5-1.5B shape
 #      at batch 1 (180 s; its --budget-s is set 30 s under what the step may take): the plain
 #      baselines first (specops-plain, specops-plain-graphs, specops-plain-graphs-compiled,
@@ -98,7 +98,7 @@ step errors 60 "$PY" bench/error_probe.py ${GDB:+--gdb "$GDB"}
 #    test_models.py's cuda-parametrised forward tests and its CUDA graph capture test; every
 #    test of test_graphs.py matches "graph").
 if [[ -z ${SKIP_TESTS:-} ]]; then
-  step gpu_tests 90 "$PY" -m pytest -q tests/test_graphs.py tests/test_models.py -k "cuda or graph"
+  step gpu_tests 150 "$PY" -m pytest -q tests/test_graphs.py tests/test_models.py -k "cuda or graph"
 fi
 
 # 3. The end-to-end plain-decoding target (bench/bench_gpu_e2e.py's docstring). Its own budget
