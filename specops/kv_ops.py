@@ -120,3 +120,55 @@ def kv_write(cache: Tensor, new_entries: Tensor, cache_lens: Tensor,
     values = new_entries.transpose(1, 2).reshape(batch * num_new, heads, dim)
     masked_index_put_(slot_view(cache, block_tables is not None),
                       (index[0].flatten(), index[1].flatten()), values, valid.flatten())
+
+
+class KVSlotWriter:
+    """:func:`kv_write` for many cache tensors of one layout written at the same slots (every
+    layer's K and V in one forward): the slot and mask arithmetic runs once, each write is then
+    a gather, two ``where`` and one ``index_put_`` (about 21 small kernels a :func:`kv_write`
+    call otherwise, which a CUDA graph replays one by one too). Each write leaves the bytes
+    :func:`kv_write` would, out-of-range entries dropped alike.
+
+    Args:
+        cache: The first cache tensor (its layout and capacity; every later one must share
+            them, and ``block_tables``).
+        cache_lens, block_tables: As :func:`kv_write`.
+        num_new: The entries per row each write brings (``T``).
+
+    The checks are :func:`kv_write`'s: dtypes, shapes and devices at every write, the value
+    checks (``"cheap"`` on the CPU, ``"full"`` on a GPU, never under ``torch.compile``) at the
+    first write only, since every write has the same slots.
+    """
+
+    def __init__(self, cache: Tensor, cache_lens: Tensor, num_new: int,
+                 block_tables: Tensor | None = None):
+        self.cache_lens, self.block_tables = cache_lens, block_tables
+        self.paged = block_tables is not None
+        slots = cache_lens.long()[:, None] + torch.arange(num_new, device=cache.device)
+        index, valid = slot_index(cache, slots, block_tables)
+        index = tuple(i.flatten() for i in index)
+        self.valid = valid.flatten()
+        # masked_index_put_'s anchor (the first valid entry), found once for every write
+        self.first = self.valid.to(torch.int32).argmax(0, keepdim=True)
+        self.anchor = tuple(i[self.first] for i in index)
+        self.any_valid = self.valid.any()
+        self.index = tuple(torch.where(self.valid, i, a) for i, a in zip(index, self.anchor))
+        self.checked = False
+
+    def write(self, cache: Tensor, new_entries: Tensor) -> None:
+        """``kv_write(cache, new_entries, cache_lens, block_tables)``, in place."""
+        _checks.check_tensor("kv_write", "cache", cache, _checks.KV_DTYPES, 4)
+        args = (cache, new_entries, self.cache_lens, self.block_tables)
+        _checks.kv_write_meta(*args)
+        if not self.checked:
+            if _checks.values_checked(cache.device) and not torch.compiler.is_compiling():
+                _checks.kv_write_values(*args)
+            self.checked = True
+        batch, heads, num_new, dim = new_entries.shape
+        if self.valid.numel() == 0:
+            return
+        values = new_entries.transpose(1, 2).reshape(batch * num_new, heads, dim)
+        view = slot_view(cache, self.paged)
+        anchor_value = torch.where(self.any_valid, values[self.first], view[self.anchor])
+        values = torch.where(self.valid[:, None, None], values, anchor_value)
+        view.index_put_(self.index, values)

@@ -512,6 +512,56 @@ def test_kv_write_checks_and_dropped_writes(checks):
     assert cache[:, 0, :, 0].tolist() == [[3, 3, 0, 0, 0, 0], [0, 0, 0, 0, 3, 3]]
 
 
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_slot_writer_writes_what_kv_write_writes(data):
+    """KVSlotWriter (the model forward's kv_write for every layer, index work once) leaves
+    the bytes kv_write leaves, in range or not (checks off: out-of-range entries dropped),
+    contiguous or paged, for several tensors written at the same slots."""
+    batch = data.draw(st.integers(1, 3), "batch")
+    heads, dim = data.draw(st.integers(1, 2), "heads"), data.draw(st.integers(1, 3), "dim")
+    num_new = data.draw(st.integers(1, 4), "num_new")
+    paged = data.draw(st.booleans(), "paged")
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), "seed"))
+    if paged:
+        block_size, max_blocks = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 4))
+        num_blocks = data.draw(st.integers(1, 6), "num_blocks")
+        shape = (num_blocks, block_size, heads, dim)
+        capacity = block_size * max_blocks
+        tables = torch.randint(-1, num_blocks + 1, (batch, max_blocks), generator=g,
+                               dtype=torch.int32)
+    else:
+        capacity = data.draw(st.integers(1, 8), "capacity")
+        shape, tables = (batch, heads, capacity, dim), None
+    lens = torch.tensor(data.draw(st.lists(st.integers(-2, capacity + 1), min_size=batch,
+                                           max_size=batch)), dtype=torch.int32)
+    caches = [torch.randn(shape, generator=g) for _ in range(3)]
+    news = [torch.randn(batch, heads, num_new, dim, generator=g) for _ in range(3)]
+    expected = [c.clone() for c in caches]
+    before = specops.get_checks()
+    specops.set_checks("off")
+    try:
+        for cache, new in zip(expected, news):
+            specops.kv_write(cache, new, lens, tables)
+        writer = specops.kv_ops.KVSlotWriter(caches[0], lens, num_new, tables)
+        for cache, new in zip(caches, news):
+            writer.write(cache, new)
+    finally:
+        specops.set_checks(before)
+    for got, want in zip(caches, expected):
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+def test_slot_writer_checks_values_once(checks):
+    cache, new = torch.zeros(2, 1, 6, 2), torch.ones(2, 1, 3, 2)
+    writer = specops.kv_ops.KVSlotWriter(cache, torch.tensor([0, 4], dtype=torch.int32), 3)
+    with pytest.raises(ValueError, match="cache_lens"):   # 4 + 3 > 6, as kv_write says
+        writer.write(cache, new)
+    assert not cache.any()
+    with pytest.raises(TypeError, match="new_entries"):
+        writer.write(cache, new.half())
+
+
 # ------------------------------------------------------------ registration: opcheck, compile
 
 

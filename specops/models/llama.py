@@ -4,8 +4,10 @@ Hugging Face modeling code builds masks and caches with Python logic that CUDA g
 capture, so the decoding loop runs the model through :class:`SpecopsCausalLM` instead. It
 reads the Hugging Face model's own parameters at call time (nothing is copied: an in-place
 change to a weight shows in the next call), keeps keys/values in a :class:`StaticKVCache`
-owned by the caller, writes them with :func:`specops.kv_write` and attends with
-:func:`specops.tree_attention`, so one forward serves prefill, chain and tree steps::
+owned by the caller, writes them as :func:`specops.kv_write` does (through one
+:class:`specops.kv_ops.KVSlotWriter` per forward: the slot arithmetic once for every layer)
+and attends with :func:`specops.tree_attention`, so one forward serves prefill, chain and
+tree steps::
 
     lm = specops.models.causal_lm(hf_model)
     cache = lm.new_cache(batch_size=2, capacity=1024)
@@ -23,7 +25,7 @@ from torch import Tensor
 
 from ..attention_ops import tree_attention
 from ..hf import active_sliding_window
-from ..kv_ops import kv_write
+from ..kv_ops import KVSlotWriter
 from ..linear_ops import model_linear
 from .cache import StaticKVCache, check_step_inputs
 
@@ -234,6 +236,8 @@ class SpecopsCausalLM:
         if mask is None and not prefill:
             causal = torch.ones(num_new, num_new, dtype=torch.bool, device=tokens.device).tril()
             mask = causal.expand(batch, num_new, num_new).contiguous()
+        # kv_write for every layer's K and V at the same slots: the index work once
+        writer = KVSlotWriter(cache.keys[0], cache_lens, num_new)
         for layer, keys, values in zip(self._layers, cache.keys, cache.values):
             attn = layer.self_attn
             x = _rms_norm(hidden, layer.input_layernorm)
@@ -242,8 +246,8 @@ class SpecopsCausalLM:
             v = _linear(x, attn.v_proj).view(batch, num_new, self.num_kv_heads, self.head_dim)
             q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D), the cache's order
-            kv_write(keys, k, cache_lens)
-            kv_write(values, v, cache_lens)
+            writer.write(keys, k)
+            writer.write(values, v)
             if prefill:
                 out = F.scaled_dot_product_attention(
                     q.transpose(1, 2), k, v, is_causal=True, scale=self.scale,
