@@ -52,10 +52,14 @@ class DraftRunner:
         compile: run the one-token step through ``model.compiled()`` (``torch.compile``;
             specops' own forward only; with ``graphs``, the graph captures it) and the
             prefill and catch-up feeds through ``model.compiled(any_length=True)``.
+        compiled: ``(step, feed)``, those two compiled forwards made earlier, to reuse
+            their compiled code (the loop keeps them on its generator across calls);
+            implies ``compile``.
     """
 
     def __init__(self, model: CausalLM, batch_size: int, capacity: int, vocab_size: int,
-                 graphs: bool = False, compile: bool = False):
+                 graphs: bool = False, compile: bool = False,
+                 compiled: tuple[Callable, Callable] | None = None):
         self.model = model
         self.cache = model.new_cache(batch_size, capacity)
         self.vocab_size = vocab_size
@@ -66,9 +70,10 @@ class DraftRunner:
         # verification keeps the output exact.
         self.max_token = model.vocab_size - 1
         cache = self.cache
-        step = model.compiled() if compile else model
-        # prefill and catch-up feeds: every width, compiled once with dynamic shapes
-        self._feed_model = model.compiled(any_length=True) if compile else model
+        if compiled is None and compile:
+            # prefill and catch-up feeds: every width, compiled once with dynamic shapes
+            compiled = model.compiled(), model.compiled(any_length=True)
+        step, self._feed_model = compiled if compiled is not None else (model, model)
 
         def one_token(token, lens, positions):
             return step(token, cache, lens, positions)

@@ -330,7 +330,20 @@ class SpeculativeGenerator:
         self.cost: CostModel | None = None
         self.cuda_graphs = None if cuda_graphs is None else bool(cuda_graphs)
         self.compile = bool(compile)
+        self._compiled: dict[int, tuple[Callable, Callable]] = {}   # _compiled_forwards
         self._graphed: _GraphedCaches | None = None
+
+    def _compiled_forwards(self, model) -> tuple[Callable, Callable] | None:
+        """With ``compile``, ``model``'s compiled one-step and any-length forwards
+        (:meth:`SpecopsCausalLM.compiled`), made once and kept: their compiled code serves
+        every later call; None without ``compile`` or for a model without specops'
+        forward."""
+        if not (self.compile and model.graph_safe):
+            return None
+        key = id(model)
+        if key not in self._compiled:
+            self._compiled[key] = model.compiled(), model.compiled(any_length=True)
+        return self._compiled[key]
 
     def release_graphs(self) -> None:
         """Frees the KV caches and device graphs kept from the last call with ``cuda_graphs``
@@ -457,11 +470,9 @@ class _GraphedCaches:
         cache = target.new_cache(batch, capacity)
         draft = (DraftRunner(gen.draft, batch, capacity, target.vocab_size,
                              graphs=graphs and gen.draft.graph_safe,
-                             compile=gen.compile and gen.draft.graph_safe)
+                             compiled=gen._compiled_forwards(gen.draft))
                  if gen.draft is not None else None)
-        compiled = gen.compile and target.graph_safe
-        step = target.compiled() if compiled else target
-        prefill = target.compiled(any_length=True) if compiled else target
+        step, prefill = gen._compiled_forwards(target) or (target, target)
 
         def verify_forward(tokens, lens, positions, mask=None):
             return step(tokens, cache, lens, positions, mask)

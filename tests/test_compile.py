@@ -115,3 +115,19 @@ def test_a_larger_cache_does_not_compile_again(pair):
     assert counters["stats"]["unique_graphs"] == before
     assert_same_or_tie(target, ids[0].tolist(), out.sequences[0, 7:].tolist(),
                        hf_greedy(target, ids[0].tolist(), 20), "larger cache")
+
+
+def test_compiled_versions_do_not_pile_up_across_models(pair):
+    """torch.compile keeps at most recompile_limit versions per code object and fullgraph
+    fails past it: every compiled() call compiles its own copy of the forward, so models and
+    generators built one after another never reach it (a full test run did)."""
+    from loop_models import tiny_model
+    target, draft = pair
+    ids = torch.tensor(prompts(target.config.vocab_size, [5]))
+    models = [target, draft, tiny_model("llama", seed=4)]
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for model in models:   # other weights, other family: other guards
+            lm = specops.models.causal_lm(model)
+            cache, lens = lm.new_cache(1, 16), torch.tensor([5], dtype=torch.int32)
+            args = (ids[:, :1], cache, lens, torch.tensor([[5]]))
+            torch.testing.assert_close(lm.compiled()(*args), lm(*args), rtol=1e-5, atol=1e-5)

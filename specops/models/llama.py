@@ -19,6 +19,8 @@ exactly as in transformers), grouped-query attention with optional q/k/v/o biase
 q/k/v biases, Llama's ``attention_bias``/``mlp_bias`` switch them on) and a SiLU-gated MLP.
 """
 
+import types
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -196,14 +198,22 @@ class SpecopsCausalLM:
         By default for the loop's fixed-shape steps: each new input shape compiles once more
         (after the second, ``torch.compile``'s automatic dynamic shapes take over).
         ``any_length=True`` is for calls of every length (prefills, a draft's catch-up): it
-        compiles with dynamic shapes (``dynamic=True`` unless ``options`` say otherwise)
-        under a code object of its own, so its compiled code stays apart from the steps'
-        specialised one. Used by ``SpeculativeGenerator(compile=True)``; with CUDA graphs,
+        compiles with dynamic shapes (``dynamic=True`` unless ``options`` say otherwise).
+        Each call compiles its own copy of the forward's code, so compiled versions never
+        mix between calls (the any-length one stays apart from the steps' specialised one). Used by ``SpeculativeGenerator(compile=True)``; with CUDA graphs,
         the graph captures the compiled kernels."""
         if any_length:
             options.setdefault("dynamic", True)
-        run = torch.compile(self._forward_any_length if any_length else self._forward,
-                            fullgraph=True, **options)
+        # torch.compile keeps its compiled code per code object, and at most
+        # torch._dynamo.config.recompile_limit (8) versions of it, past which fullgraph=True
+        # fails outright. Every model wrapper, cache shape and mode adds versions, so each
+        # compiled() call compiles a private copy of _forward's code: its versions are its
+        # own (a test suite, or an engine building several generators, hit the limit).
+        forward_fn = SpecopsCausalLM._forward
+        private = types.FunctionType(forward_fn.__code__.replace(), forward_fn.__globals__,
+                                     forward_fn.__name__, forward_fn.__defaults__,
+                                     forward_fn.__closure__)
+        run = torch.compile(types.MethodType(private, self), fullgraph=True, **options)
         marked = []   # the last cache whose capacity was marked dynamic
 
         def forward(tokens, cache, cache_lens, positions, mask=None, *, logits_index=None,
@@ -221,11 +231,6 @@ class SpecopsCausalLM:
                 return run(tokens, cache, cache_lens, positions, mask, logits_index, prefill)
 
         return forward
-
-    def _forward_any_length(self, *args):
-        # _forward under another code object: torch.compile keeps compiled code per code
-        # object, so compiled(any_length=True) does not share (or turn dynamic) the steps'
-        return self._forward(*args)
 
     def _forward(self, tokens, cache, cache_lens, positions, mask, logits_index, prefill):
         inner = self.hf_model.model
