@@ -76,14 +76,16 @@ def main(argv=None) -> int:
         result = run(SETUP + CALL.format(call=call))
         if result.returncode < 0:
             crashed += 1
-            print(f"{name}: crashed: signal {-result.returncode}")
+            print(f"{name}: crashed: signal {-result.returncode}", flush=True)
             if args.gdb:
                 trace = run(SETUP + CALL.format(call=call), args.gdb)
                 print("\n".join("    " + line for line in trace.stdout.splitlines()
-                                if line.startswith("#") or "signal" in line.lower()))
+                                if line.startswith("#") or "signal" in line.lower()),
+                      flush=True)
         else:
             lines = (result.stdout.strip() or result.stderr.strip()).splitlines()
-            print(f"{name}: {lines[-1] if lines else f'exit status {result.returncode}'}")
+            print(f"{name}: {lines[-1] if lines else f'exit status {result.returncode}'}",
+                  flush=True)   # a step cut by its time limit keeps what was printed
     print(run(LIBS).stdout.strip())
     return 1 if crashed else 0
 

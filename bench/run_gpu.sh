@@ -2,7 +2,7 @@
 # One run on a GPU machine (H100/H200; needs no network), from the repo root, in under 10 minutes
 # (BUDGET_S, default 560 s, for the whole script; a step that would start with less than 10 s
 # left is skipped, and each step is cut at its own cap and at the deadline):
-#   1. build the extension at -O1 (150 s), then bench/error_probe.py (60 s): does a bad input
+#   1. build the extension at -O1 (150 s), then bench/error_probe.py (120 s): does a bad input
 #      to a C++ kernel raise or crash the process (with cuda-gdb's backtrace of a crash);
 #   2. the GPU graph tests: tests/test_graphs.py and the CUDA tests of tests/test_models.py
 #      (150 s: with compile=True tests, each compiling a tiny model);
@@ -91,7 +91,7 @@ fi
 # 1b. Do the C++ kernels raise on bad input or crash? (bench/error_probe.py: the 2026-11-27 run
 #     lost three test processes to segmentation faults there.) With cuda-gdb, a backtrace.
 GDB=$(command -v cuda-gdb || ls /usr/local/cuda*/bin/cuda-gdb 2>/dev/null | head -1)
-step errors 60 "$PY" bench/error_probe.py ${GDB:+--gdb "$GDB"}
+step errors 120 "$PY" bench/error_probe.py ${GDB:+--gdb "$GDB"}
 
 # 2. The GPU graph tests first (the whole suite below may not reach them in its time): CUDA graph
 #    replay against eager decoding, and the CUDA tests of the model forward ("cuda" selects
