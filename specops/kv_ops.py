@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, ops
-from .reference.kv import kv_commit_ref, masked_index_put_, slot_index, slot_view
+from .reference.kv import kv_commit_ref, slot_index, slot_view
 
 
 def kv_commit(kv: list[Tensor], cache_lens: Tensor, path: Tensor, num_accepted: Tensor,
@@ -85,8 +85,9 @@ def kv_write(cache: Tensor, new_entries: Tensor, cache_lens: Tensor,
     entry goes to slot ``cache_lens[b] + i`` (the layout :func:`kv_commit` and
     :func:`specops.tree_attention` expect). Call it once per layer for K and for V.
 
-    A plain, sync-free PyTorch function (one ``index_put_``), not a custom op: it traces
-    under ``torch.compile`` and records in CUDA graphs as it is.
+    A plain, sync-free PyTorch function (one ``index_put_``, through a one-write
+    :class:`KVSlotWriter`), not a custom op: it traces under ``torch.compile`` and records in
+    CUDA graphs as it is.
 
     Args:
         cache: Shape ``(batch_size, num_kv_heads, max_seq_len, head_dim)`` (contiguous) or
@@ -114,12 +115,7 @@ def kv_write(cache: Tensor, new_entries: Tensor, cache_lens: Tensor,
     _checks.kv_write_meta(*args)
     if _checks.values_checked(cache.device) and not torch.compiler.is_compiling():
         _checks.kv_write_values(*args)
-    batch, heads, num_new, dim = new_entries.shape
-    slots = cache_lens.long()[:, None] + torch.arange(num_new, device=cache.device)
-    index, valid = slot_index(cache, slots, block_tables)
-    values = new_entries.transpose(1, 2).reshape(batch * num_new, heads, dim)
-    masked_index_put_(slot_view(cache, block_tables is not None),
-                      (index[0].flatten(), index[1].flatten()), values, valid.flatten())
+    KVSlotWriter(cache, cache_lens, new_entries.shape[2], block_tables).put(cache, new_entries)
 
 
 class KVSlotWriter:
@@ -143,7 +139,6 @@ class KVSlotWriter:
     def __init__(self, cache: Tensor, cache_lens: Tensor, num_new: int,
                  block_tables: Tensor | None = None):
         self.cache_lens, self.block_tables = cache_lens, block_tables
-        self.paged = block_tables is not None
         slots = cache_lens.long()[:, None] + torch.arange(num_new, device=cache.device)
         index, valid = slot_index(cache, slots, block_tables)
         index = tuple(i.flatten() for i in index)
@@ -164,11 +159,15 @@ class KVSlotWriter:
             if _checks.values_checked(cache.device) and not torch.compiler.is_compiling():
                 _checks.kv_write_values(*args)
             self.checked = True
+        self.put(cache, new_entries)
+
+    def put(self, cache: Tensor, new_entries: Tensor) -> None:
+        """The write alone, unchecked (:func:`kv_write` checks before it)."""
         batch, heads, num_new, dim = new_entries.shape
         if self.valid.numel() == 0:
             return
         values = new_entries.transpose(1, 2).reshape(batch * num_new, heads, dim)
-        view = slot_view(cache, self.paged)
+        view = slot_view(cache, self.block_tables is not None)
         anchor_value = torch.where(self.any_valid, values[self.first], view[self.anchor])
         values = torch.where(self.valid[:, None, None], values, anchor_value)
         view.index_put_(self.index, values)

@@ -17,7 +17,7 @@ from helpers import assert_compiles_for_hopper
 
 import specops
 import specops.kv_ops
-from specops.reference.kv import kv_commit_ref
+from specops.reference.kv import kv_commit_ref, masked_index_put_, slot_index, slot_view
 
 CUDA = torch.cuda.is_available()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -515,8 +515,9 @@ def test_kv_write_checks_and_dropped_writes(checks):
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_slot_writer_writes_what_kv_write_writes(data):
-    """KVSlotWriter (the model forward's kv_write for every layer, index work once) leaves
-    the bytes kv_write leaves, in range or not (checks off: out-of-range entries dropped),
+    """KVSlotWriter (the model forward's kv_write for every layer, index work once) and
+    kv_write (a one-write KVSlotWriter) leave the bytes of the reference's slot_index +
+    masked_index_put_, in range or not (checks off: out-of-range entries dropped),
     contiguous or paged, for several tensors written at the same slots."""
     batch = data.draw(st.integers(1, 3), "batch")
     heads, dim = data.draw(st.integers(1, 2), "heads"), data.draw(st.integers(1, 3), "dim")
@@ -538,18 +539,26 @@ def test_slot_writer_writes_what_kv_write_writes(data):
     caches = [torch.randn(shape, generator=g) for _ in range(3)]
     news = [torch.randn(batch, heads, num_new, dim, generator=g) for _ in range(3)]
     expected = [c.clone() for c in caches]
+    through_kv_write = [c.clone() for c in caches]
     before = specops.get_checks()
     specops.set_checks("off")
     try:
-        for cache, new in zip(expected, news):
+        for cache, new in zip(expected, news):   # the reference's composition (the spec)
+            slots = lens.long()[:, None] + torch.arange(num_new)
+            index, valid = slot_index(cache, slots, tables)
+            masked_index_put_(slot_view(cache, tables is not None),
+                              (index[0].flatten(), index[1].flatten()),
+                              new.transpose(1, 2).reshape(-1, heads, dim), valid.flatten())
+        for cache, new in zip(through_kv_write, news):
             specops.kv_write(cache, new, lens, tables)
         writer = specops.kv_ops.KVSlotWriter(caches[0], lens, num_new, tables)
         for cache, new in zip(caches, news):
             writer.write(cache, new)
     finally:
         specops.set_checks(before)
-    for got, want in zip(caches, expected):
+    for got, via_kv_write, want in zip(caches, through_kv_write, expected):
         assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+        assert torch.equal(via_kv_write.view(torch.int32), want.view(torch.int32))
 
 
 def test_slot_writer_checks_values_once(checks):
