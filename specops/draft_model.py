@@ -49,17 +49,15 @@ class DraftRunner:
         vocab_size: the target's vocabulary size (logits are fitted to it).
         graphs: replay the one-token step from a device graph, CUDA or HPU, on the
             model's device (:mod:`specops.graphs`).
-        compile: run the one-token step through ``model.compiled()`` (``torch.compile``;
-            specops' own forward only; with ``graphs``, the graph captures it) and the
-            prefill and catch-up feeds through ``model.compiled(any_length=True)``.
-        compiled: ``(step, feed)``, those two compiled forwards made earlier, to reuse
-            their compiled code (the loop keeps them on its generator across calls);
-            implies ``compile``.
+        compiled: ``(model.compiled(), model.compiled(any_length=True))`` or None: the
+            one-token step runs through the first (``torch.compile``; with ``graphs``, the
+            graph captures it), the prefill and catch-up feeds through the second. The
+            caller makes them, so that their compiled code outlives this runner (the loop
+            keeps them on its generator across calls).
     """
 
     def __init__(self, model: CausalLM, batch_size: int, capacity: int, vocab_size: int,
-                 graphs: bool = False, compile: bool = False,
-                 compiled: tuple[Callable, Callable] | None = None):
+                 graphs: bool = False, compiled: tuple[Callable, Callable] | None = None):
         self.model = model
         self.cache = model.new_cache(batch_size, capacity)
         self.vocab_size = vocab_size
@@ -70,9 +68,6 @@ class DraftRunner:
         # verification keeps the output exact.
         self.max_token = model.vocab_size - 1
         cache = self.cache
-        if compiled is None and compile:
-            # prefill and catch-up feeds: every width, compiled once with dynamic shapes
-            compiled = model.compiled(), model.compiled(any_length=True)
         step, self._feed_model = compiled if compiled is not None else (model, model)
 
         def one_token(token, lens, positions):

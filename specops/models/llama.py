@@ -200,8 +200,9 @@ class SpecopsCausalLM:
         ``any_length=True`` is for calls of every length (prefills, a draft's catch-up): it
         compiles with dynamic shapes (``dynamic=True`` unless ``options`` say otherwise).
         Each call compiles its own copy of the forward's code, so compiled versions never
-        mix between calls (the any-length one stays apart from the steps' specialised one). Used by ``SpeculativeGenerator(compile=True)``; with CUDA graphs,
-        the graph captures the compiled kernels."""
+        mix between calls (the any-length one stays apart from the steps' specialised one).
+        Used by ``SpeculativeGenerator(compile=True)``; with CUDA graphs, the graph captures
+        the compiled kernels."""
         if any_length:
             options.setdefault("dynamic", True)
         # torch.compile keeps its compiled code per code object, and at most
