@@ -32,6 +32,7 @@ from ..linear_ops import model_linear
 from .cache import StaticKVCache, check_step_inputs
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_LAYER_KERNELS = ("auto", "torch", "triton")
 _OP = "SpecopsCausalLM.forward"
 
 
@@ -40,6 +41,17 @@ def _rms_norm(x: Tensor, norm: torch.nn.Module) -> Tensor:
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
     return norm.weight * x32.to(x.dtype)
+
+
+def _add_rms_norm(fused, hidden: Tensor, delta: Tensor | None,
+                  norm: torch.nn.Module) -> tuple[Tensor, Tensor]:
+    """``(hidden + delta, RMSNorm of it)`` (``delta`` None: nothing added), in one fused
+    Triton launch when ``fused`` is the layer-kernel module, else as PyTorch composes it."""
+    if fused is not None and norm.weight.dtype == hidden.dtype:
+        return fused.add_rms_norm_triton(hidden, delta, norm.weight, norm.variance_epsilon)
+    if delta is not None:
+        hidden = hidden + delta
+    return hidden, _rms_norm(hidden, norm)
 
 
 def _rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -64,6 +76,17 @@ class SpecopsCausalLM:
     head counts) is taken at wrap time; parameters and buffers are read from ``hf_model`` on
     every call.
 
+    Args:
+        model: A Llama / Mistral / Qwen2 ``*ForCausalLM`` with a SiLU-gated MLP.
+        layer_kernels: How the layer's elementwise work runs (residual add + RMSNorm, rotary,
+            SiLU gate). ``"auto"``: fused Triton kernels
+            (:mod:`specops.triton_kernels.layers`: 4 launches a layer where eager PyTorch
+            launches about 30, and a CUDA-graph replay's time goes with the count) for inputs on CUDA, the
+            PyTorch composition elsewhere; ``"torch"``: always the composition;
+            ``"triton"``: always the Triton kernels (on the CPU only under
+            ``TRITON_INTERPRET=1``, for tests). Inside ``torch.compile`` the composition
+            runs whatever this says (Inductor fuses it).
+
     Attributes:
         hf_model: The wrapped transformers model (its weights are used in place).
         config: ``hf_model.config``.
@@ -74,7 +97,10 @@ class SpecopsCausalLM:
         graph_safe: ``True``: the loop may capture this forward in a device graph.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, *, layer_kernels: str = "auto"):
+        if layer_kernels not in _LAYER_KERNELS:
+            raise ValueError(f"specops.models: layer_kernels={layer_kernels!r}, expected one "
+                             f"of {', '.join(map(repr, _LAYER_KERNELS))}")
         config = getattr(model, "config", None)
         model_type = getattr(config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -95,6 +121,7 @@ class SpecopsCausalLM:
                              f"length seen so far and cannot run on a static cache")
         self.hf_model = model
         self.config = config
+        self.layer_kernels = layer_kernels
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         if self.num_heads % self.num_kv_heads:
@@ -236,21 +263,26 @@ class SpecopsCausalLM:
     def _forward(self, tokens, cache, cache_lens, positions, mask, logits_index, prefill):
         inner = self.hf_model.model
         batch, num_new = tokens.shape
+        fused = self._fused_kernels(tokens.device)
         hidden = F.embedding(tokens, inner.embed_tokens.weight)
         cos, sin = inner.rotary_emb(hidden, positions)  # (B, T, D) each, model dtype
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # broadcast over heads
         if mask is None and not prefill:
             causal = torch.ones(num_new, num_new, dtype=torch.bool, device=tokens.device).tril()
             mask = causal.expand(batch, num_new, num_new).contiguous()
         # kv_write for every layer's K and V at the same slots: the index work once
         writer = KVSlotWriter(cache.keys[0], cache_lens, num_new)
+        pending = None   # the last sublayer's output, added to hidden by the next norm
         for layer, keys, values in zip(self._layers, cache.keys, cache.values):
             attn = layer.self_attn
-            x = _rms_norm(hidden, layer.input_layernorm)
+            hidden, x = _add_rms_norm(fused, hidden, pending, layer.input_layernorm)
             q = _linear(x, attn.q_proj).view(batch, num_new, self.num_heads, self.head_dim)
             k = _linear(x, attn.k_proj).view(batch, num_new, self.num_kv_heads, self.head_dim)
             v = _linear(x, attn.v_proj).view(batch, num_new, self.num_kv_heads, self.head_dim)
-            q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
+            if fused is not None:
+                fused.rotary_triton_(q, k, cos, sin)
+            else:
+                cos_h, sin_h = cos.unsqueeze(2), sin.unsqueeze(2)  # broadcast over heads
+                q, k = _rotary(q, cos_h, sin_h), _rotary(k, cos_h, sin_h)
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D), the cache's order
             writer.write(keys, k)
             writer.write(values, v)
@@ -260,16 +292,28 @@ class SpecopsCausalLM:
                     enable_gqa=self.grouped).transpose(1, 2)
             else:
                 out = tree_attention(q, keys, values, cache_lens, mask, scale=self.scale)
-            hidden = hidden + _linear(out.reshape(batch, num_new, -1), attn.o_proj)
-            x = _rms_norm(hidden, layer.post_attention_layernorm)
+            attended = _linear(out.reshape(batch, num_new, -1), attn.o_proj)
+            hidden, x = _add_rms_norm(fused, hidden, attended, layer.post_attention_layernorm)
             mlp = layer.mlp
-            hidden = hidden + _linear(F.silu(_linear(x, mlp.gate_proj)) * _linear(x, mlp.up_proj),
-                                      mlp.down_proj)
+            gate, up = _linear(x, mlp.gate_proj), _linear(x, mlp.up_proj)
+            gated = fused.silu_mul_triton(gate, up) if fused is not None else F.silu(gate) * up
+            pending = _linear(gated, mlp.down_proj)
         if logits_index is not None:
             index = logits_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
             hidden = hidden.gather(1, index)
-        hidden = _rms_norm(hidden, inner.norm)
+            pending = pending.gather(1, index) if pending is not None else None
+        _, hidden = _add_rms_norm(fused, hidden, pending, inner.norm)
         return _linear(hidden, self.hf_model.lm_head).float()
+
+    def _fused_kernels(self, device: torch.device):
+        """The module of fused Triton layer kernels when this call uses them, else None
+        (PyTorch composition): see ``layer_kernels`` of the constructor."""
+        if self.layer_kernels == "torch" or torch.compiler.is_compiling():
+            return None   # torch.compile fuses the composition itself
+        if self.layer_kernels == "auto" and device.type != "cuda":
+            return None
+        from ..triton_kernels import layers
+        return layers
 
     def _check_inputs(self, tokens, cache, cache_lens, positions, mask, logits_index, prefill):
         check_step_inputs(_OP, self, tokens, cache, cache_lens, positions, mask, logits_index,
