@@ -110,12 +110,19 @@ def kv_write(cache: Tensor, new_entries: Tensor, cache_lens: Tensor,
     >>> cache.flatten().tolist()
     [0.0, 0.0, 7.0, 8.0, 0.0]
     """
+    kv_write_checks(cache, new_entries, cache_lens, block_tables)
+    KVSlotWriter(cache, cache_lens, new_entries.shape[2], block_tables).put(cache, new_entries)
+
+
+def kv_write_checks(cache: Tensor, new_entries: Tensor, cache_lens: Tensor,
+                    block_tables: Tensor | None = None, *, values: bool = True) -> None:
+    """:func:`kv_write`'s checks alone (``values=False``: its dtype, shape and device checks
+    only), for a caller that writes the same entries another way."""
     _checks.check_tensor("kv_write", "cache", cache, _checks.KV_DTYPES, 4)
     args = (cache, new_entries, cache_lens, block_tables)
     _checks.kv_write_meta(*args)
-    if _checks.values_checked(cache.device) and not torch.compiler.is_compiling():
+    if values and _checks.values_checked(cache.device) and not torch.compiler.is_compiling():
         _checks.kv_write_values(*args)
-    KVSlotWriter(cache, cache_lens, new_entries.shape[2], block_tables).put(cache, new_entries)
 
 
 class KVSlotWriter:
@@ -143,6 +150,9 @@ class KVSlotWriter:
         index, valid = slot_index(cache, slots, block_tables)
         index = tuple(i.flatten() for i in index)
         self.valid = valid.flatten()
+        if self.valid.numel() == 0:   # nothing to write (T = 0 or B = 0)
+            self.index, self.checked = index, False
+            return
         # masked_index_put_'s anchor (the first valid entry), found once for every write
         self.first = self.valid.to(torch.int32).argmax(0, keepdim=True)
         self.anchor = tuple(i[self.first] for i in index)
@@ -152,13 +162,9 @@ class KVSlotWriter:
 
     def write(self, cache: Tensor, new_entries: Tensor) -> None:
         """``kv_write(cache, new_entries, cache_lens, block_tables)``, in place."""
-        _checks.check_tensor("kv_write", "cache", cache, _checks.KV_DTYPES, 4)
-        args = (cache, new_entries, self.cache_lens, self.block_tables)
-        _checks.kv_write_meta(*args)
-        if not self.checked:
-            if _checks.values_checked(cache.device) and not torch.compiler.is_compiling():
-                _checks.kv_write_values(*args)
-            self.checked = True
+        kv_write_checks(cache, new_entries, self.cache_lens, self.block_tables,
+                        values=not self.checked)
+        self.checked = True
         self.put(cache, new_entries)
 
     def put(self, cache: Tensor, new_entries: Tensor) -> None:

@@ -510,6 +510,9 @@ def test_kv_write_checks_and_dropped_writes(checks):
     assert paged[:, :, 0, 0].tolist() == [[2, 2], [0, 0], [0, 2], [2, 2]]
     specops.kv_write(cache, new * 5, torch.tensor([9, 7], dtype=torch.int32))  # nothing valid
     assert cache[:, 0, :, 0].tolist() == [[3, 3, 0, 0, 0, 0], [0, 0, 0, 0, 3, 3]]
+    checks("cheap")
+    specops.kv_write(cache, new[:, :, :0], torch.tensor([6, 0], dtype=torch.int32))  # T = 0
+    assert cache[:, 0, :, 0].tolist() == [[3, 3, 0, 0, 0, 0], [0, 0, 0, 0, 3, 3]]
 
 
 @settings(max_examples=60, deadline=None)

@@ -78,30 +78,52 @@ def test_add_rms_norm_equals_composition(rows, n_cols, dtype, with_delta, seed):
 @settings(max_examples=25)
 @given(batch=st.integers(1, 3), num_new=st.integers(0, 4),
        heads=st.sampled_from([(1, 1), (4, 2), (12, 2), (3, 3), (40, 8)]),
-       head_dim=st.sampled_from([2, 6, 8, 64, 128]), dtype=dtypes, seed=st.integers(0, 2**16))
-def test_rotary_equals_composition(batch, num_new, heads, head_dim, dtype, seed):
-    """In place on q and k, for head counts past one head block (40 heads of 128: 2 blocks)
-    and a head_dim whose half is not a power of two (6)."""
+       head_dim=st.sampled_from([2, 6, 8, 64, 128]), capacity=st.integers(1, 9),
+       dtype=dtypes, data=st.data())
+def test_rotary_kv_write_equals_composition(batch, num_new, heads, head_dim, capacity, dtype,
+                                            data):
+    """q and k rotated in place and k, v written to the cache as kv_write writes them, for
+    head counts past one head block (40 heads of 128: 2 blocks), a head_dim whose half is not
+    a power of two (6), and slots outside the cache (dropped, as kv_write with checks off)."""
     num_heads, num_kv_heads = heads
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
 
     def rand(*shape):
         return torch.randn(shape, generator=gen).to(dtype).to(DEVICE)
 
     q, k = rand(batch, num_new, num_heads, head_dim), rand(batch, num_new, num_kv_heads, head_dim)
+    v = rand(batch, num_new, num_kv_heads, head_dim)
     cos, sin = rand(batch, num_new, head_dim), rand(batch, num_new, head_dim)
+    lens = data.draw(st.lists(st.integers(-2, capacity + 1), min_size=batch, max_size=batch),
+                     label="cache_lens")
+    cache_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    k_cache, v_cache = (rand(batch, num_kv_heads, capacity, head_dim) for _ in range(2))
     want_q = _rotary(q, cos.unsqueeze(2), sin.unsqueeze(2))
     want_k = _rotary(k, cos.unsqueeze(2), sin.unsqueeze(2))
-    layers.rotary_triton_(q, k, cos, sin)
+    want_k_cache, want_v_cache = k_cache.clone(), v_cache.clone()
+    before = specops.get_checks()
+    specops.set_checks("off")
+    try:
+        specops.kv_write(want_k_cache, want_k.transpose(1, 2), cache_lens)
+        specops.kv_write(want_v_cache, v.transpose(1, 2), cache_lens)
+    finally:
+        specops.set_checks(before)
+    v_before = v.clone()
+    layers.rotary_kv_write_triton_(q, k, v, cos, sin, k_cache, v_cache, cache_lens)
     close(q, want_q, "q")
     close(k, want_k, "k")
+    assert torch.equal(v, v_before)
+    close(k_cache, want_k_cache, "k_cache")
+    assert torch.equal(v_cache, want_v_cache)   # copied bytes
 
 
-def test_rotary_refuses_a_strided_tensor():
+def test_rotary_kv_write_refuses_a_strided_tensor():
     q = torch.zeros(1, 2, 4, 8, device=DEVICE).transpose(1, 2)
+    cache = torch.zeros(1, 4, 5, 8, device=DEVICE)
     with pytest.raises(ValueError, match="contiguous"):
-        layers.rotary_triton_(q, q, torch.zeros(1, 4, 8, device=DEVICE),
-                              torch.zeros(1, 4, 8, device=DEVICE))
+        layers.rotary_kv_write_triton_(q, q, q, torch.zeros(1, 4, 8, device=DEVICE),
+                                       torch.zeros(1, 4, 8, device=DEVICE), cache, cache,
+                                       torch.zeros(1, dtype=torch.int32, device=DEVICE))
 
 
 @pytest.mark.parametrize("n", [0, 1, 1023, 1024, 1025, 3000])
@@ -178,7 +200,7 @@ def test_compiled_forward_runs_the_composition(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a Triton layer kernel ran under torch.compile")
 
-    for name in ("add_rms_norm_triton", "rotary_triton_", "silu_mul_triton"):
+    for name in ("add_rms_norm_triton", "rotary_kv_write_triton_", "silu_mul_triton"):
         monkeypatch.setattr(layers, name, refuse)
     lm = SpecopsCausalLM(tiny_model("llama"), layer_kernels="triton")
     plain = SpecopsCausalLM(lm.hf_model, layer_kernels="torch")
@@ -207,7 +229,10 @@ _COMPILE_FOR_HOPPER = textwrap.dedent("""
             build(layers._add_rms_norm_kernel,
                   dict(x_ptr=elem, delta_ptr=elem, sum_ptr=elem, out_ptr=elem, weight_ptr=elem,
                        eps="fp32"), dict(HAS_DELTA=has_delta, BLOCK=2048))
-        build(layers._rotary_kernel, dict(q_ptr=elem, k_ptr=elem, cos_ptr=elem, sin_ptr=elem),
+        build(layers._rotary_kv_write_kernel,
+              dict(q_ptr=elem, k_ptr=elem, v_ptr=elem, cos_ptr=elem, sin_ptr=elem,
+                   k_cache_ptr=elem, v_cache_ptr=elem, cache_lens_ptr="*i32",
+                   stride_cache_b="i64", stride_cache_h="i64", stride_cache_s="i64"),
               dict(HALF=64, BLOCK_H=16, BLOCK_D=64))
         build(layers._silu_mul_kernel, dict(gate_ptr=elem, up_ptr=elem, out_ptr=elem),
               dict(BLOCK=1024))

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..attention_ops import tree_attention
 from ..hf import active_sliding_window
-from ..kv_ops import KVSlotWriter
+from ..kv_ops import KVSlotWriter, kv_write_checks
 from ..linear_ops import model_linear
 from .cache import StaticKVCache, check_step_inputs
 
@@ -269,23 +269,28 @@ class SpecopsCausalLM:
         if mask is None and not prefill:
             causal = torch.ones(num_new, num_new, dtype=torch.bool, device=tokens.device).tril()
             mask = causal.expand(batch, num_new, num_new).contiguous()
-        # kv_write for every layer's K and V at the same slots: the index work once
-        writer = KVSlotWriter(cache.keys[0], cache_lens, num_new)
+        # kv_write for every layer's K and V at the same slots: the index work once (the
+        # fused kernels write the cache themselves)
+        writer = KVSlotWriter(cache.keys[0], cache_lens, num_new) if fused is None else None
         pending = None   # the last sublayer's output, added to hidden by the next norm
-        for layer, keys, values in zip(self._layers, cache.keys, cache.values):
+        for index, (layer, keys, values) in enumerate(zip(self._layers, cache.keys,
+                                                          cache.values)):
             attn = layer.self_attn
             hidden, x = _add_rms_norm(fused, hidden, pending, layer.input_layernorm)
             q = _linear(x, attn.q_proj).view(batch, num_new, self.num_heads, self.head_dim)
             k = _linear(x, attn.k_proj).view(batch, num_new, self.num_kv_heads, self.head_dim)
             v = _linear(x, attn.v_proj).view(batch, num_new, self.num_kv_heads, self.head_dim)
             if fused is not None:
-                fused.rotary_triton_(q, k, cos, sin)
+                if index == 0:   # kv_write's checks, once: every layer writes these slots
+                    kv_write_checks(keys, k.transpose(1, 2), cache_lens)
+                fused.rotary_kv_write_triton_(q, k, v, cos, sin, keys, values, cache_lens)
+                k, v = k.transpose(1, 2), v.transpose(1, 2)
             else:
                 cos_h, sin_h = cos.unsqueeze(2), sin.unsqueeze(2)  # broadcast over heads
                 q, k = _rotary(q, cos_h, sin_h), _rotary(k, cos_h, sin_h)
-            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D), the cache's order
-            writer.write(keys, k)
-            writer.write(values, v)
+                k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D), the cache's
+                writer.write(keys, k)
+                writer.write(values, v)
             if prefill:
                 out = F.scaled_dot_product_attention(
                     q.transpose(1, 2), k, v, is_causal=True, scale=self.scale,

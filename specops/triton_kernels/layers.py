@@ -1,10 +1,12 @@
 """Fused Triton kernels for the decoder layer of specops' own forward (specops/models/llama.py)
-on CUDA: residual add + RMSNorm, rotary embedding of queries and keys, SiLU-gated product.
+on CUDA: residual add + RMSNorm; rotary embedding of queries and keys with the write of keys
+and values into the KV cache; SiLU-gated product.
 
 Why: replayed from a CUDA graph, a decode step's time is mostly the count of small kernels,
 not their bytes. Eager PyTorch runs Hugging Face's RMSNorm as 8 elementwise kernels, rotary as
-5 per tensor and the MLP's gate as 2, about 30 launches a layer with the residual adds; these
-kernels take 4 (a layer drops from about 43 kernels to about 17). They are not ops of the public contract: the forward calls them
+5 per tensor, the cache write (:class:`specops.kv_ops.KVSlotWriter`) as 6 per tensor and the
+MLP's gate as 2, about 42 launches a layer with the residual adds; these kernels take 4 (a
+layer drops from about 50 kernels to about 13, by a count of the code). They are not ops of the public contract: the forward calls them
 on CUDA only, outside ``torch.compile`` (which fuses the PyTorch composition itself), and the
 PyTorch composition in llama.py (``_rms_norm``, ``_rotary``, ``F.silu(g) * u``) is what they
 must equal.
@@ -17,8 +19,9 @@ taken is the order of the float32 sum of squares (a tree reduction here, as in a
 reduction), so results agree with the composition to float32 rounding, not bit for bit.
 
 Traffic per call (E = element size): add_rms_norm, per row of N: 2N (N with no residual)
-elements read, 2N written (N), N weights read; rotary: every q and k element read and written
-once, the token's cos and sin read once per program; silu_mul: 2 reads and 1 write an element.
+elements read, 2N written (N), N weights read; rotary_kv_write: every q and k element read and
+written once, every v element read once, every k and v element written once more to the
+cache, the token's cos and sin read once per program; silu_mul: 2 reads and 1 write an element.
 """
 
 import torch
@@ -91,30 +94,40 @@ def add_rms_norm_triton(x: torch.Tensor, delta: torch.Tensor | None, weight: tor
 def _rotate_heads(base_ptr, heads, num_heads, cols, cos1, cos2, sin1, sin2,
                   HALF: tl.constexpr):
     """Rotates ``heads`` ([BLOCK_H] indices) of one token in place: ``x * cos +
-    rotate_half(x) * sin``, each product rounded to the tensor's dtype before the sum."""
+    rotate_half(x) * sin``, each product rounded to the tensor's dtype before the sum.
+    Returns the two rotated halves ([BLOCK_H, BLOCK_D] each, the dtype's values)."""
     dtype = base_ptr.dtype.element_ty
     offs = heads[:, None] * (2 * HALF) + cols[None, :]
     inside = (heads[:, None] < num_heads) & (cols[None, :] < HALF)
     x1 = tl.load(base_ptr + offs, mask=inside, other=0.0).to(tl.float32)
     x2 = tl.load(base_ptr + offs + HALF, mask=inside, other=0.0).to(tl.float32)
     # rotate_half(x) = cat(-x2, x1): the first half gets -x2 * sin, the second x1 * sin
-    first = (x1 * cos1).to(dtype).to(tl.float32) + (-x2 * sin1).to(dtype).to(tl.float32)
-    second = (x2 * cos2).to(dtype).to(tl.float32) + (x1 * sin2).to(dtype).to(tl.float32)
-    tl.store(base_ptr + offs, first.to(dtype), mask=inside)
-    tl.store(base_ptr + offs + HALF, second.to(dtype), mask=inside)
+    first = ((x1 * cos1).to(dtype).to(tl.float32) + (-x2 * sin1).to(dtype).to(tl.float32))
+    second = ((x2 * cos2).to(dtype).to(tl.float32) + (x1 * sin2).to(dtype).to(tl.float32))
+    first, second = first.to(dtype), second.to(dtype)
+    tl.store(base_ptr + offs, first, mask=inside)
+    tl.store(base_ptr + offs + HALF, second, mask=inside)
+    return first, second
 
 
 @triton.jit
-def _rotary_kernel(
-    q_ptr,        # [tokens, num_q_heads, 2 * HALF] model dtype, rotated in place
-    k_ptr,        # [tokens, num_k_heads, 2 * HALF] model dtype, rotated in place
-    cos_ptr,      # [tokens, 2 * HALF] model dtype
-    sin_ptr,      # [tokens, 2 * HALF] model dtype
-    num_q_heads, num_k_heads,
+def _rotary_kv_write_kernel(
+    q_ptr,          # [B, T, num_q_heads, 2 * HALF] model dtype, rotated in place
+    k_ptr,          # [B, T, num_k_heads, 2 * HALF] model dtype, rotated in place
+    v_ptr,          # [B, T, num_k_heads, 2 * HALF] model dtype
+    cos_ptr,        # [B, T, 2 * HALF] model dtype
+    sin_ptr,        # [B, T, 2 * HALF] model dtype
+    k_cache_ptr,    # [B, num_k_heads, S, 2 * HALF] model dtype, last dim contiguous: written
+    v_cache_ptr,    # as k_cache (same strides)
+    cache_lens_ptr,  # [B] int32: token t of row b goes to slot cache_lens[b] + t
+    num_new, num_q_heads, num_k_heads, capacity,
+    stride_cache_b, stride_cache_h, stride_cache_s,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Program ``(token, j)``: heads ``[j * BLOCK_H, (j + 1) * BLOCK_H)`` of the token's q
-    and of its k. Reads and writes each of their elements once; reads the token's cos, sin."""
+    """Program ``(token, j)``: heads ``[j * BLOCK_H, (j + 1) * BLOCK_H)`` of the token's q, k
+    and v. Reads and writes each q and k element once, reads each v element once, writes k
+    and v to the cache slot once (nothing when the slot is outside ``0..S-1``, as
+    ``kv_write`` drops it), reads the token's cos and sin."""
     token = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_D)
@@ -126,24 +139,50 @@ def _rotary_kernel(
     sin2 = tl.load(sin_ptr + row + HALF, mask=in_half, other=0.0).to(tl.float32)
     _rotate_heads(q_ptr + token * num_q_heads * (2 * HALF), heads, num_q_heads, cols,
                   cos1, cos2, sin1, sin2, HALF)
-    _rotate_heads(k_ptr + token * num_k_heads * (2 * HALF), heads, num_k_heads, cols,
-                  cos1, cos2, sin1, sin2, HALF)
+    kv_offset = token * num_k_heads * (2 * HALF)
+    k1, k2 = _rotate_heads(k_ptr + kv_offset, heads, num_k_heads, cols,
+                           cos1, cos2, sin1, sin2, HALF)
+    b = token // num_new
+    slot = tl.load(cache_lens_ptr + b).to(tl.int64) + token % num_new
+    head_offs = heads[:, None] * (2 * HALF) + cols[None, :]
+    inside = (heads[:, None] < num_k_heads) & (cols[None, :] < HALF)
+    v1 = tl.load(v_ptr + kv_offset + head_offs, mask=inside, other=0.0)
+    v2 = tl.load(v_ptr + kv_offset + head_offs + HALF, mask=inside, other=0.0)
+    in_cache = (slot >= 0) & (slot < capacity)
+    store = tl.where(in_cache, inside, False)   # not inside & in_cache: an int mask in the
+    # interpreter, which refuses it
+    dst = (b * stride_cache_b + heads[:, None].to(tl.int64) * stride_cache_h
+           + slot * stride_cache_s + cols[None, :])
+    tl.store(k_cache_ptr + dst, k1, mask=store)
+    tl.store(k_cache_ptr + dst + HALF, k2, mask=store)
+    tl.store(v_cache_ptr + dst, v1, mask=store)
+    tl.store(v_cache_ptr + dst + HALF, v2, mask=store)
 
 
-def rotary_triton_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor) -> None:
-    """Hugging Face's ``apply_rotary_pos_emb`` (rotate_half convention) on ``q`` and ``k``,
-    in place.
+def rotary_kv_write_triton_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                            v_cache: torch.Tensor, cache_lens: torch.Tensor) -> None:
+    """Hugging Face's ``apply_rotary_pos_emb`` (rotate_half convention) on ``q`` and ``k`` in
+    place, then ``kv_write`` of the rotated ``k`` and of ``v`` into one layer's cache: one
+    launch for what eager PyTorch does in about 22.
 
     Args:
         q: Shape ``(batch_size, T, num_heads, head_dim)``, contiguous, model dtype.
-        k: Shape ``(batch_size, T, num_kv_heads, head_dim)``, contiguous, ``q``'s dtype.
-        cos, sin: Shape ``(batch_size, T, head_dim)``, contiguous, ``q``'s dtype (what the
-            model's ``rotary_emb`` returns). ``head_dim`` is even.
+        k, v: Shape ``(batch_size, T, num_kv_heads, head_dim)``, contiguous, ``q``'s dtype.
+        cos, sin: Shape ``(batch_size, T, head_dim)``, ``q``'s dtype (what the model's
+            ``rotary_emb`` returns). ``head_dim`` is even.
+        k_cache, v_cache: Shape ``(batch_size, num_kv_heads, S, head_dim)``, ``q``'s dtype,
+            one layout with a contiguous last dim. Token ``t`` of row ``b`` is written to slot
+            ``cache_lens[b] + t``; a slot outside ``0..S-1`` is dropped.
+        cache_lens: Shape ``(batch_size,)``, int32.
     """
-    if not (q.is_contiguous() and k.is_contiguous()):
-        raise ValueError("rotary_triton_: q and k must be contiguous (rotated in place)")
-    cos, sin = cos.contiguous(), sin.contiguous()
+    if not all(t.is_contiguous() for t in (q, k, v)):
+        raise ValueError("rotary_kv_write_triton_: q, k and v must be contiguous "
+                         "(q and k are rotated in place)")
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError("rotary_kv_write_triton_: k_cache and v_cache must share strides "
+                         "with a contiguous last dim")
+    cos, sin, cache_lens = cos.contiguous(), sin.contiguous(), cache_lens.contiguous()
     batch, num_new, num_heads, head_dim = q.shape
     tokens = batch * num_new
     if not tokens:
@@ -153,8 +192,10 @@ def rotary_triton_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     most_heads = max(num_heads, k.shape[2])
     block_h = min(triton.next_power_of_2(most_heads), max(1, 2048 // block_d))
     grid = (tokens, triton.cdiv(most_heads, block_h))
-    _rotary_kernel[grid](q, k, cos, sin, num_heads, k.shape[2], HALF=half, BLOCK_H=block_h,
-                         BLOCK_D=block_d, num_warps=_num_warps(block_h * block_d))
+    _rotary_kv_write_kernel[grid](
+        q, k, v, cos, sin, k_cache, v_cache, cache_lens, num_new, num_heads, k.shape[2],
+        k_cache.shape[2], *k_cache.stride()[:3], HALF=half, BLOCK_H=block_h, BLOCK_D=block_d,
+        num_warps=_num_warps(block_h * block_d))
 
 
 @triton.jit
