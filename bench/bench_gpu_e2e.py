@@ -60,6 +60,9 @@ Measured, for each batch size in ``--batches``:
   capture TorchInductor's fused kernels; ``--specops-compile``, default on CUDA only, and
   ``specops-plain-compiled`` where graphs are off; its first, untimed call compiles, and
   its time over a timed call's is ``compile_seconds``; column ``compiled``),
+  ``specops-plain-graphs-unfused`` (graphed, with specops' forward running its layer as plain
+  PyTorch ops, ``layer_kernels="torch"``, instead of the fused Triton layer kernels it uses on
+  CUDA since 2026-11-27: an A/B of those kernels in one run; with graphs only, ``--no-unfused`` skips it),
   ``hf-eager`` (transformers ``generate``, dynamic cache) and ``hf-static``
   (``cache_implementation="static"``, compiled by transformers' automatic ``torch.compile`` on
   CUDA, then named ``hf-static-compiled``; its first call compiles and is timed separately as
@@ -122,7 +125,7 @@ from bench_ops import git_commit, machine  # noqa: E402
 import specops  # noqa: E402
 from specops import PromptLookup  # noqa: E402
 from specops.graphs import GraphedStep, graph_backend  # noqa: E402
-from specops.models import causal_lm  # noqa: E402
+from specops.models import SpecopsCausalLM, causal_lm  # noqa: E402
 
 # Shapes of the public configs (config.json of each checkpoint); rope scaling and special
 # tokens are left out: they do not change the cost, and no stop token may end a row early.
@@ -374,30 +377,39 @@ def run_batch(args, target, draft_lm, batch: int, budget: Budget, log) -> list[d
     recorded = [r[:args.prompt_len + n] for r, n in zip(out.sequences.tolist(),
                                                         out.num_new_tokens)]
 
-    # by (graphs, compiled) mode; a skipped one is missing
+    # by (graphs, compiled) mode, the fused layer kernels' (the default); a skipped one is
+    # missing; the unfused row (its layer in plain PyTorch ops) is an A/B of those kernels
     plain_rows: dict[tuple[bool, bool], dict] = {}
-    modes = [(False, False)] + [(True, False)] * args.graphs + [(args.graphs, True)] * \
-        args.specops_compile
-    for graphs, compiled in modes:
-        method = "specops-plain" + "-graphs" * graphs + "-compiled" * compiled
+    unfused_row = None
+    modes = [(False, False, True)] + [(True, False, True)] * args.graphs + \
+        [(True, False, False)] * (args.graphs and args.unfused) + \
+        [(args.graphs, True, True)] * args.specops_compile
+    for graphs, compiled, fused in modes:
+        method = "specops-plain" + "-graphs" * graphs + "-compiled" * compiled + \
+            "-unfused" * (not fused)
         base = dict(section="baseline", method=method, batch=batch, graphs=graphs,
                     compiled=compiled)
         if budget.left() < args.min_left_s:
             rows.append(log(dict(base, status="skipped (budget)")))
             continue
 
+        model = target if fused else SpecopsCausalLM(target, layer_kernels="torch")
         plain = functools.partial(specops.SpeculativeGenerator(
-            target, eos_token_id=[], cuda_graphs=graphs, compile=compiled).generate, prompts,
+            model, eos_token_id=[], cuda_graphs=graphs, compile=compiled).generate, prompts,
             max_new_tokens=args.new_tokens)
         first = None
         if graphs or compiled:   # untimed: captures the graphs (compiles the steps) that the
             first = timed(plain, device)    # timed calls replay
         times = [timed(plain, device) for _ in range(args.reps)]
         median = statistics.median(times)
-        plain_rows[graphs, compiled] = dict(
-            base, **spread(times), status="ok", tokens_per_s=batch * args.new_tokens / median,
-            compile_seconds=first - median if compiled else None)
-        rows.append(log(plain_rows[graphs, compiled]))
+        row = dict(base, **spread(times), status="ok",
+                   tokens_per_s=batch * args.new_tokens / median,
+                   compile_seconds=first - median if compiled else None)
+        if fused:
+            plain_rows[graphs, compiled] = row
+        else:
+            unfused_row = row
+        rows.append(log(row))
 
     hf_static, hf_rows = None, {}
     for static in (False, True):
@@ -412,9 +424,10 @@ def run_batch(args, target, draft_lm, batch: int, budget: Budget, log) -> list[d
         hf_rows[method] = row
         if static:
             hf_static = row["tokens_per_s"]
-    for row in plain_rows.values():
+    specops_rows = [*plain_rows.values(), *([unfused_row] if unfused_row else [])]
+    for row in specops_rows:
         row["speedup_vs_hf_static"] = row["tokens_per_s"] / hf_static if hf_static else None
-    print(plain_summary(batch, [*plain_rows.values(), *hf_rows.values()]), flush=True)
+    print(plain_summary(batch, [*specops_rows, *hf_rows.values()]), flush=True)
 
     for alpha in args.alphas:
         for g in args.draft_lengths:
@@ -488,6 +501,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--specops-compile", choices=("auto", "on", "off"), default="auto",
                    help="also measure specops plain decoding with compile=True (and graphs "
                         "when they are on): auto = on CUDA only")
+    p.add_argument("--no-unfused", dest="unfused", action="store_false",
+                   help="skip specops-plain-graphs-unfused (with graphs on, graphed plain "
+                        "decoding with the layer in PyTorch ops instead of the fused Triton "
+                        "layer kernels: an A/B of those)")
     p.add_argument("--natural-weights", action="store_true",
                    help="plain random init (greedy continuation may drift under bf16)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU runs)")

@@ -391,12 +391,13 @@ def test_bench_gpu_e2e_graphs_rows(tmp_path, cpu_graphs):
         rows = list(csv.DictReader(f))
     assert all(r["status"] == "ok" for r in rows)
     baselines = {r["method"]: r for r in rows if r["section"] == "baseline"}
-    assert list(baselines) == ["specops-plain", "specops-plain-graphs", "hf-eager", "hf-static"]
-    assert [r["graphs"] for r in baselines.values()] == ["False", "True", "", ""]
+    assert list(baselines) == ["specops-plain", "specops-plain-graphs",
+                               "specops-plain-graphs-unfused", "hf-eager", "hf-static"]
+    assert [r["graphs"] for r in baselines.values()] == ["False", "True", "True", "", ""]
     for r in baselines.values():
         assert float(r["tokens_per_s"]) > 0
     hf_static = float(baselines["hf-static"]["tokens_per_s"])
-    for method in ("specops-plain", "specops-plain-graphs"):
+    for method in ("specops-plain", "specops-plain-graphs", "specops-plain-graphs-unfused"):
         assert float(baselines[method]["speedup_vs_hf_static"]) == pytest.approx(
             float(baselines[method]["tokens_per_s"]) / hf_static, rel=2e-3)
     (loop,) = [r for r in rows if r["section"] == "loop"]
@@ -439,6 +440,7 @@ def test_bench_gpu_e2e_budget_skips_the_graphs_baseline(tmp_path, cpu_graphs, mo
         rows = [r for r in csv.DictReader(f) if not r["section"].endswith("_cost")]
     assert [(r["method"], r["graphs"], r["status"]) for r in rows] == [
         ("specops-plain", "False", "ok"), ("specops-plain-graphs", "True", "skipped (budget)"),
+        ("specops-plain-graphs-unfused", "True", "skipped (budget)"),
         ("hf-eager", "", "skipped (budget)"), ("hf-static", "", "skipped (budget)"),
         ("synthetic", "True", "skipped (budget)")]
     assert EagerReplayGraphs.captures == 0      # nothing ran with graphs
