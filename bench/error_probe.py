@@ -10,7 +10,9 @@ its own, so one crash does not hide the others, and prints one line per case:
 ``raised ValueError`` (expected), ``no error`` or ``crashed: signal N``. With ``--gdb GDB``
 a crashing case is run again under that debugger (cuda-gdb on the GPU machine: it has no
 gdb) and its native backtrace printed. It also prints which libstdc++, libgcc_s and libgomp
-the process has loaded, the usual suspects when exceptions crash across shared libraries.
+the process has loaded, the usual suspects when exceptions crash across shared libraries, and
+whether _C carries a C++ runtime of its own (a statically linked libstdc++: with GCC 12 it cuts
+the ValueError messages at their first number, which is the lead for that crash).
 
     python bench/error_probe.py                  # every case; exit status 1 if one crashed
     python bench/error_probe.py --gdb cuda-gdb   # and a backtrace of each crash
@@ -57,6 +59,14 @@ names = ("libstdc++", "libgcc_s", "libgomp", "_C.")
 seen = sorted({line.split()[-1] for line in open("/proc/self/maps")
                if any(n in line for n in names) and "/" in line})
 print("loaded:", *seen, sep="\\n  ")
+# A libstdc++ linked statically into _C is a second C++ runtime beside torch's shared one:
+# numbers formatted into an error message then come out cut short (GCC 12), or may crash
+# (cmake/check_cxx_runtime.cmake).
+import ctypes
+own = ctypes.cast(ctypes.CDLL(specops._C.__file__).__cxa_throw, ctypes.c_void_p).value
+shared = ctypes.cast(ctypes.CDLL("libstdc++.so.6").__cxa_throw, ctypes.c_void_p).value
+print("C++ runtime:", "one (the shared libstdc++.so.6)" if own == shared
+      else "two: _C defines __cxa_throw itself (libstdc++ linked statically)")
 """
 
 

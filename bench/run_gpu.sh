@@ -76,6 +76,12 @@ step() {
   "$PY" -c 'import triton; print("triton", triton.__version__)' 2>&1
   "$PY" -c 'import transformers; print("transformers", transformers.__version__)' 2>&1
   nproc
+  # the compiler's shared libstdc++: a missing one makes the linker take libstdc++.a without a
+  # word (cmake/check_cxx_runtime.cmake: the lead for the 2026-11-27 crashes)
+  for cxx in ${CXX:-} c++ g++; do
+    command -v "$cxx" >/dev/null && echo "$cxx: $(command -v "$cxx"), libstdc++.so:" \
+      "$("$cxx" -print-file-name=libstdc++.so)"
+  done
 } >"$OUT/env.txt" 2>&1
 
 # 1. Build specops._C from source, in place (no pip install: the machine's setuptools may be
@@ -86,6 +92,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 #    tree_attention_cpu.cpp alone outran 120 s there (GCC 13, no LTO; 20 s at -O1 here).
 if [[ -z ${SKIP_BUILD:-} ]]; then
   step build 150 env SPECOPS_OPT="${SPECOPS_OPT:--O1}" "$PY" setup.py build_ext --inplace
+  # which C++ runtime the module links against (none listed: libstdc++ was linked statically)
+  { echo "--- NEEDED of the module"; (readelf -d specops/_C*.so || ldd specops/_C*.so) 2>&1 |
+      grep -E "NEEDED|=>"; } >>"$OUT/build.log"
 fi
 
 # 1b. Do the C++ kernels raise on bad input or crash? (bench/error_probe.py: the 2026-11-27 run
