@@ -138,7 +138,7 @@ if [[ -z ${SKIP_TESTS:-} ]]; then
   XDIST=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 8")
   step pytest 150 "$PY" -m pytest -q $XDIST --maxfail=20 tests/test_triton_kernels.py \
     tests/test_tree_triton.py tests/test_kv_commit.py tests/test_tree_attention.py \
-    tests/test_tree.py tests/test_api.py
+    tests/test_tree.py tests/test_api.py tests/test_layer_kernels.py
 fi
 
 # 6. compute-sanitizer on a few calls of every Triton kernel (kv_commit's overlapping moves
@@ -181,6 +181,17 @@ for batch, num_slots, vocab in [(2, 3, 1000), (1, 5, 151936), (3, 2, 8193)]:
     overlapping = torch.tensor([[2, 4, -1, -1, -1]] * batch, dtype=torch.int32, device=dev)
     specops.kv_commit([k_cache, v_cache], cache_lens, overlapping,
                       torch.full((batch,), 2, dtype=torch.int32, device=dev))
+    # the forward's fused layer kernels; the last rows' slots run past the cache (dropped)
+    from specops.triton_kernels import layers
+    hidden = torch.randn(batch, 3, 896, generator=gen).to(dev, torch.bfloat16)
+    layers.add_rms_norm_triton(hidden, hidden.clone(), hidden[0, 0], 1e-6)
+    layers.silu_mul_triton(hidden, hidden.clone())
+    q = torch.randn(batch, 3, 14, 64, generator=gen).to(dev, torch.bfloat16)
+    k, v = (torch.randn(batch, 3, 2, 64, generator=gen).to(dev, torch.bfloat16) for _ in "kv")
+    cos, sin = (torch.randn(batch, 3, 64, generator=gen).to(dev, torch.bfloat16) for _ in "cs")
+    caches = [torch.zeros(batch, 2, 8, 64, device=dev, dtype=torch.bfloat16) for _ in "kv"]
+    layers.rotary_kv_write_triton_(q, k, v, cos, sin, *caches,
+                                   torch.arange(batch, device=dev, dtype=torch.int32) * 3 + 2)
 if dev == "cuda":
     torch.cuda.synchronize()
 print("probe ok")
