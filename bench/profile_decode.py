@@ -12,6 +12,8 @@ do, and their count and names say which fusions would pay.
 Modes (``--modes``, default all that apply):
 - ``specops-plain``: specops plain decoding (draft length 0), eager;
 - ``specops-plain-graphs``: the same with ``cuda_graphs=True`` (CUDA only);
+- ``specops-plain-graphs-unfused``: the same with the layer's elementwise work as PyTorch ops
+  (``layer_kernels="torch"``) instead of the fused Triton layer kernels (CUDA only);
 - ``specops-plain-graphs-compiled``: also ``compile=True`` (CUDA only; ``--modes
   specops-plain-compiled`` runs compile without graphs, on the CPU too);
 - ``hf-static-compiled``: transformers ``generate`` with a static cache, compiled by
@@ -43,11 +45,14 @@ sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
 import bench_gpu_e2e as e2e  # noqa: E402
 import specops  # noqa: E402
+from specops.models import SpecopsCausalLM  # noqa: E402
 from bench_ops import git_commit, machine  # noqa: E402
 
-MODES = ("specops-plain", "specops-plain-graphs", "specops-plain-graphs-compiled",
-         "specops-plain-compiled", "hf-eager", "hf-static-compiled")
-CUDA_ONLY = {"specops-plain-graphs", "specops-plain-graphs-compiled", "hf-static-compiled"}
+MODES = ("specops-plain", "specops-plain-graphs", "specops-plain-graphs-unfused",
+         "specops-plain-graphs-compiled", "specops-plain-compiled", "hf-eager",
+         "hf-static-compiled")
+CUDA_ONLY = {"specops-plain-graphs", "specops-plain-graphs-unfused",
+             "specops-plain-graphs-compiled", "hf-static-compiled"}
 
 
 def make_call(mode: str, target, prompts: torch.Tensor, new_tokens: int):
@@ -58,6 +63,8 @@ def make_call(mode: str, target, prompts: torch.Tensor, new_tokens: int):
         if mode == "hf-static-compiled":
             kwargs.update(cache_implementation="static")
         return (lambda: target.generate(prompts, **kwargs)), 2
+    if "unfused" in mode:   # the layer as PyTorch ops, not the fused Triton layer kernels
+        target = SpecopsCausalLM(target, layer_kernels="torch")
     gen = specops.SpeculativeGenerator(target, eos_token_id=[],
                                        cuda_graphs="graphs" in mode, compile="compiled" in mode)
     return (lambda: gen.generate(prompts, max_new_tokens=new_tokens)), 2

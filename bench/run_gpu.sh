@@ -45,7 +45,7 @@ OUT=${OUT:-$(mktemp -d)}
 BENCH_ARGS=${BENCH_ARGS:---quick --device cuda}
 E2E_DEFAULT="--device cuda --pair qwen2.5-1.5b --batches 1 --alphas 0.8 --draft-lengths 2,4"
 E2E_ARGS=${E2E_ARGS:-$E2E_DEFAULT --reps 3}
-PROFILE_MODES=specops-plain-graphs,specops-plain-graphs-compiled,hf-static-compiled
+PROFILE_MODES=specops-plain-graphs,specops-plain-graphs-unfused,specops-plain-graphs-compiled,hf-static-compiled
 PROFILE_ARGS=${PROFILE_ARGS:---pair qwen2.5-1.5b --reps 1 --modes $PROFILE_MODES}
 DEADLINE=$((SECONDS + ${BUDGET_S:-560}))
 mkdir -p "$OUT"

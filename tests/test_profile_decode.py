@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import profile_decode  # noqa: E402
@@ -32,3 +33,25 @@ def test_cuda_only_modes_are_refused_on_the_cpu(capsys):
     assert "need CUDA" in capsys.readouterr().err
     defaults = profile_decode.parse_args(["--device", "cpu"]).modes
     assert defaults == ["specops-plain", "hf-eager"]
+
+
+def test_unfused_mode_runs_the_layer_as_pytorch_ops(monkeypatch):
+    """The unfused mode's generator wraps the target with layer_kernels="torch" (checked
+    here, where it runs eagerly: its graphs and the fused kernels are CUDA's)."""
+    from loop_models import tiny_model
+
+    import specops
+    wrapped = []
+    original = specops.SpeculativeGenerator.__init__
+
+    def spy(self, target, *args, **kwargs):
+        wrapped.append(target)
+        original(self, target, *args, **kwargs)
+    monkeypatch.setattr(specops.SpeculativeGenerator, "__init__", spy)
+    model = tiny_model("qwen2")
+    prompts = torch.tensor([[3, 4, 5, 6]])
+    plain, _ = profile_decode.make_call("specops-plain", model, prompts, 4)
+    unfused, _ = profile_decode.make_call("specops-plain-graphs-unfused", model, prompts, 4)
+    assert wrapped[0] is model
+    assert wrapped[1].layer_kernels == "torch" and wrapped[1].hf_model is model
+    assert unfused().sequences.tolist() == plain().sequences.tolist()
