@@ -216,10 +216,12 @@ class SpeculativeGenerator:
             ``tokenizer``); the token completing it is kept.
         tokenizer, draft_tokenizer: when both are given, their vocabularies must match.
         pad_token_id: fills ``sequences`` after a row's end.
-        cuda_graphs: replay the target's verify step and the draft's one-token step from
-            device graphs captured once per shape (:mod:`specops.graphs`): CUDA graphs on
-            CUDA, and HPU graphs through ``habana_frameworks.torch`` on Intel Gaudi
-            (untested on hardware); ignored on CPU. ``None`` (the default): on for a target
+        cuda_graphs: replay the target's verify step (a chain step's forward and verify op
+            in one graph, with one copy of its inputs to the device and one read back; a
+            tree step's forward) and the draft's one-token step from device graphs captured
+            once per shape (:mod:`specops.graphs`): CUDA graphs on CUDA, and HPU graphs
+            through ``habana_frameworks.torch`` on Intel Gaudi (untested on hardware);
+            ignored on CPU. ``None`` (the default): on for a target
             on CUDA, off elsewhere (HPU graphs only when asked for, being untested). On an
             H200 (2026-11-27) the graph tests passed and plain decoding at the Qwen2.5-1.5B
             shape ran 6.6x faster with graphs than eagerly (160.5 against 24.1 tokens/s;
@@ -355,7 +357,8 @@ class SpeculativeGenerator:
         batch size, at least ``capacity``; their draft runner reset), else new ones, kept
         for the next call; without, new ones every call."""
         kept = self._graphed
-        if graphs and kept is not None and kept.batch == batch and kept.capacity >= capacity:
+        if (graphs and kept is not None and kept.batch == batch and kept.capacity >= capacity
+                and kept.sampling == self._sampling()):
             if kept.draft is not None:
                 kept.draft.reset()
             return kept
@@ -364,6 +367,10 @@ class SpeculativeGenerator:
         if graphs:
             self._graphed = caches
         return caches
+
+    def _sampling(self) -> tuple[float, int, float]:
+        """``(temperature, top_k, top_p)``, which a graphed chain step holds fixed."""
+        return self.temperature, self.top_k, self.top_p
 
     def reset_estimates(self) -> None:
         """Forgets what the controllers learnt about acceptance (the draft-length estimates,
@@ -449,17 +456,58 @@ def _refuse(unsupported: dict) -> None:
         raise TypeError(f"generate: {why}: {names}")
 
 
+def _chain_verify_step(forward: Callable[..., Tensor], cache: object,
+                       sampling: tuple[float, int, float]) -> Callable[..., Tensor]:
+    """The device work of a chain step, sync-free so that one device graph holds all of it:
+    the target's forward over each row's root and drafts, then the verify op (greedy:
+    :func:`specops.chain_verify_greedy` on the logits; sampling: :func:`specops.sampling_probs`
+    with ``sampling = (temperature, top_k, top_p)``, then :func:`specops.chain_verify`).
+
+    ``step(inputs, drafts, draft_probs=None) -> Tensor``:
+
+    - ``inputs``: Shape ``(batch_size, 4)``, int64: per row the target's cached length (the
+      root's position), the draft length, the seed and the root (:meth:`_Run._chain_inputs`).
+    - ``drafts``: Shape ``(batch_size, num_draft)``, int64 (slots past a row's draft length
+      are ignored).
+    - ``draft_probs``: Shape ``(batch_size, num_draft, vocab_size)``, float32: the draft
+      model's sampling distributions; absent for deterministic drafts.
+
+    Returns Shape ``(batch_size, num_draft + 2)``, int64: the verify op's tokens (accepted
+    drafts, the drawn or argmax token, then ``-1``), then ``num_accepted``: one tensor, so
+    that the host reads the step back once.
+    """
+    temperature, top_k, top_p = sampling
+
+    def step(inputs: Tensor, drafts: Tensor, draft_probs: Tensor | None = None) -> Tensor:
+        cached, draft_lens, seeds, roots = inputs.t().contiguous()
+        tokens = torch.cat([roots[:, None], drafts], 1)
+        positions = cached[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+        logits = forward(tokens, cache, cached.int(), positions, None)
+        if temperature == 0:
+            out, num_accepted = ops.chain_verify_greedy(logits, drafts, draft_lens.int())
+        else:
+            probs = ops.sampling_probs(logits, temperature, top_k, top_p)
+            out, num_accepted = ops.chain_verify(probs, drafts, draft_probs, draft_lens.int(),
+                                                 seeds=seeds, positions=cached)
+        return torch.cat([out, num_accepted[:, None].long()], 1)
+    return step
+
+
 @dataclass
 class _GraphedCaches:
-    """A call's KV caches and the steps that run on them: the target's verify forward and
-    the draft model's runner, graphed when ``graphs`` (see ``cuda_graphs`` of
-    :class:`SpeculativeGenerator`, which keeps these across calls then). Hugging Face's eager
-    forward (the fallback for other architectures) is never graphed."""
+    """A call's KV caches and the steps that run on them: the target's chain step (forward
+    and verify, :func:`_chain_verify_step`), its forward for tree steps (with a tree) and the
+    draft model's runner, graphed when ``graphs`` (see ``cuda_graphs`` of
+    :class:`SpeculativeGenerator`, which keeps these across calls then, for the same
+    ``sampling``). Hugging Face's eager forward (the fallback for other architectures) is
+    never graphed."""
 
     batch: int
     capacity: int
     cache: object
-    verify_forward: Callable[..., Tensor]
+    sampling: tuple[float, int, float]        # (temperature, top_k, top_p) of chain_step
+    chain_step: Callable[..., Tensor]
+    tree_forward: Callable[..., Tensor] | None
     draft: DraftRunner | None
     prefill_forward: Callable[..., Tensor]    # the target, compiled for any length or not
 
@@ -472,14 +520,19 @@ class _GraphedCaches:
                              graphs=graphs and gen.draft.graph_safe,
                              compiled=gen._compiled_forwards(gen.draft))
                  if gen.draft is not None else None)
-        step, prefill = gen._compiled_forwards(target) or (target, target)
-
-        def verify_forward(tokens, lens, positions, mask=None):
-            return step(tokens, cache, lens, positions, mask)
+        forward, prefill = gen._compiled_forwards(target) or (target, target)
+        sampling = gen._sampling()
+        chain_step = _chain_verify_step(forward, cache, sampling)
+        tree_forward = None
+        if gen.tree is not None:
+            def tree_forward(tokens, lens, positions, mask):
+                return forward(tokens, cache, lens, positions, mask)
 
         if graphs and target.graph_safe:
-            verify_forward = GraphedStep(verify_forward, device=target.device)
-        return cls(batch, capacity, cache, verify_forward, draft, prefill)
+            chain_step = GraphedStep(chain_step, device=target.device)
+            if tree_forward is not None:
+                tree_forward = GraphedStep(tree_forward, device=target.device)
+        return cls(batch, capacity, cache, sampling, chain_step, tree_forward, draft, prefill)
 
 
 class _Run:
@@ -500,7 +553,8 @@ class _Run:
                   gen.cuda_graphs and graph_backend(self.device) is not None)
         caches = gen._caches(self.batch, capacity, graphs)
         self.capacity, self.cache = caches.capacity, caches.cache
-        self.verify_forward, self.draft = caches.verify_forward, caches.draft
+        self.chain_step, self.tree_forward = caches.chain_step, caches.tree_forward
+        self.draft = caches.draft
         self.prefill_forward = caches.prefill_forward
         self.seeds = gen.seed + torch.arange(self.batch, dtype=torch.int64, device=self.device)
         self.stats = GenerationStats()
@@ -511,6 +565,23 @@ class _Run:
     # ------------------------------------------------------------------------- helpers
     def _lens(self, values: list[int]) -> Tensor:
         return torch.tensor(values, dtype=torch.int32, device=self.device)
+
+    def _chain_inputs(self, draft_lens: list[int], lookup: list[list[int]] | None = None
+                      ) -> Tensor:
+        """A chain step's small integer inputs, built on the host and moved to the device in
+        one copy (from pinned memory on CUDA, so that it does not wait for the device): Shape
+        ``(batch_size, 4 + L)``, int64, per row the target's cached length (the root's
+        position; the root itself is not cached yet), ``draft_lens``, the row's seed and its
+        root, then its ``lookup`` tokens padded with 0 to the longest, ``L`` (``L = 0``
+        without ``lookup``)."""
+        lookup = lookup or [[] for _ in self.rows]
+        width = max(len(tokens) for tokens in lookup)
+        host = torch.tensor([[len(row) - 1, n, self.gen.seed + b, row[-1]] + tokens
+                             + [0] * (width - len(tokens))
+                             for b, (row, n, tokens) in enumerate(zip(self.rows, draft_lens,
+                                                                      lookup))],
+                            dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        return host.to(self.device, non_blocking=True)
 
     def _warp(self, logits: Tensor) -> Tensor:
         gen = self.gen
@@ -671,8 +742,8 @@ class _Run:
         self.tree_controller = gen.tree_controller
 
     def _measure_verify(self, largest: int) -> dict[int, float]:
-        """The target's forward for 1, 2, 9, 17, 33, ... (below ``largest``) and ``largest``
-        tokens per row, in seconds: fp32 CPU matmuls jump from 1 row to 2, then grow slowly
+        """A chain step (the target's forward and the verify op) for 1, 2, 9, 17, 33, ...
+        (below ``largest``) and ``largest`` tokens per row, in seconds: fp32 CPU matmuls jump from 1 row to 2, then grow slowly
         while the kernel streams the weight, faster once a GEMM takes over (past
         ``specops.linear_ops.MAX_ROWS`` rows, all batch rows together), so a long range is
         not one straight line.
@@ -681,12 +752,11 @@ class _Run:
         size is noise (a timer only ever adds): that size is timed once more and keeps the
         lesser reading. One high reading would otherwise price the draft lengths around it
         out until a probe re-measures them (every ``probe_every`` plain steps)."""
-        lens = self._lens([len(r) - 1 for r in self.rows])
         sizes = {1, 2, largest} | {2 ** k + 1 for k in range(3, largest.bit_length())
                                    if 2 ** k + 1 < largest}
 
         def measure(n: int) -> float:
-            return self._time_warm(lambda: self._target_forward_dummy(lens, n))
+            return self._time_warm(lambda: self._chain_step_dummy(n))
         seconds = {n: measure(n) for n in sorted(sizes)}
         cheapest_above = float("inf")
         for n in sorted(sizes, reverse=True):
@@ -705,15 +775,16 @@ class _Run:
             calls += 1      # a size's first compiled call compiles: seconds, not its cost
         return min(self._time(fn) for _ in range(calls))
 
-    def _target_forward_dummy(self, lens: Tensor, n: int) -> None:
-        # Writes junk past each row's length (never attended, overwritten by the next step).
-        # Through the verify step the loop runs: with graphs its first call of a size
-        # captures and _time_warm times the replay (an eager forward on a GPU costs its
-        # kernel launches, several times a replay: on the 2026-11-27 H200 run a one-token
-        # forward took 39-60 ms eager, a whole plain decoding step 6.2 ms with graphs).
-        tokens = torch.zeros(self.batch, n, dtype=torch.int64, device=self.device)
-        positions = lens.long()[:, None] + torch.arange(n, device=self.device)
-        self.verify_forward(tokens, lens, positions)
+    def _chain_step_dummy(self, n: int) -> None:
+        # The chain step the loop runs, host inputs to result read back, on n - 1 zero drafts
+        # per row: it writes junk past each row's root (never attended, overwritten by the
+        # next step). With graphs its first call of a size captures and _time_warm times the
+        # replay (an eager forward on a GPU costs its kernel launches, several times a replay:
+        # on the 2026-11-27 H200 run a one-token forward took 39-60 ms eager, a whole plain
+        # decoding step 6.2 ms with graphs). The verify op, in the same graph, is paid by
+        # every step, so the costs include it, as the steps' own timings (_learn_cost) do.
+        inputs = self._chain_inputs([n - 1] * self.batch, [[0] * (n - 1)] * self.batch)
+        self.chain_step(inputs[:, :4], inputs[:, 4:]).tolist()
 
     def _time(self, fn) -> float:
         if self.device.type == "cuda":
@@ -726,22 +797,20 @@ class _Run:
 
     # ------------------------------------------------------------------------- chain step
     def _propose(self, kind: str | None, num_draft: int, looked: list[list[int]]
-                 ) -> tuple[Tensor, Tensor | None, list[int], list[bool]]:
-        """Draft tokens ``(B, num_draft)``, their probabilities (None: deterministic), each
-        row's draft length, and which rows took the draft model's tokens (none when the
-        model did not run). ``kind`` and ``looked`` as :meth:`_plan` returns them."""
+                 ) -> tuple[Tensor | None, Tensor | None, list[int], list[bool]]:
+        """Draft tokens ``(B, num_draft)`` on the device, their probabilities (None:
+        deterministic), each row's draft length, and which rows took the draft model's tokens.
+        When the draft model does not run the tokens are None: the lookup's (each row's
+        first ``draft length`` tokens of ``looked``) go to the device with the step's other
+        inputs. ``kind`` and ``looked`` as :meth:`_plan` returns them."""
         gen, batch = self.gen, self.batch
-        if num_draft == 0:
-            return (torch.zeros(batch, 0, dtype=torch.int64, device=self.device), None,
-                    [0] * batch, [False] * batch)
         looked = [proposal[:num_draft] for proposal in looked]
-        use_model = [kind == "model" and not self.done[b] and len(looked[b]) < gen.min_match
-                     for b in range(batch)]
-        tokens = torch.zeros(batch, num_draft, dtype=torch.int64, device=self.device)
-        probs = None
-        if any(use_model):
-            tokens, probs = self.draft.draft_chain(self.rows, num_draft, self._pick_draft)
+        use_model = [kind == "model" and num_draft > 0 and not self.done[b]
+                     and len(looked[b]) < gen.min_match for b in range(batch)]
         lens = [num_draft if use_model[b] else len(looked[b]) for b in range(batch)]
+        if not any(use_model):
+            return None, None, lens, use_model
+        tokens, probs = self.draft.draft_chain(self.rows, num_draft, self._pick_draft)
         for b, proposal in enumerate(looked):
             if use_model[b] or not proposal:
                 continue
@@ -763,25 +832,18 @@ class _Run:
             self.clock.switch("draft")
             started = time.perf_counter()
         steady = self._draft_behind() <= 2
-        tokens, probs, draft_lens, use_model = self._propose(kind, num_draft, looked)
+        drafts, probs, draft_lens, use_model = self._propose(kind, num_draft, looked)
         drafted = time.perf_counter()
-        if not any(use_model):              # only lookup tokens (or none): verify what exists
-            num_draft = max(draft_lens)
-            tokens = tokens[:, :num_draft]
         self.clock.switch("verify")
-        target_lens = self._lens([n - 1 for n in self.root_lens])
-        roots = torch.tensor([r[-1] for r in self.rows], dtype=torch.int64, device=self.device)
-        inputs = torch.cat([roots[:, None], tokens], 1)
-        positions = target_lens.long()[:, None] + torch.arange(num_draft + 1, device=self.device)
-        logits = self.verify_forward(inputs, target_lens, positions)
-        lens_tensor = self._lens(draft_lens)
-        if self.greedy:
-            out, num_accepted = ops.chain_verify_greedy(logits, tokens, lens_tensor)
+        if drafts is None:                  # only lookup tokens (or none): verify what exists
+            num_draft = max(draft_lens)
+            inputs = self._chain_inputs(draft_lens, [p[:n] for p, n in zip(looked, draft_lens)])
+            inputs, drafts = inputs[:, :4], inputs[:, 4:]
         else:
-            out, num_accepted = ops.chain_verify(self._warp(logits), tokens, probs, lens_tensor,
-                                                 seeds=self.seeds,
-                                                 positions=target_lens.long())
-        out_list, accepted = out.tolist(), num_accepted.tolist()
+            inputs = self._chain_inputs(draft_lens)
+        step_inputs = (inputs, drafts) if probs is None else (inputs, drafts, probs)
+        result = self.chain_step(*step_inputs).tolist()  # the step's one read back to the host
+        accepted = [r[-1] for r in result]
         self._learn_cost(self._step_cost(kind), num_draft,
                          drafted - started if steady else None, time.perf_counter() - drafted)
         if any(use_model):
@@ -789,7 +851,7 @@ class _Run:
             # accepted ones stay; rows that verified lookup tokens keep only the root
             self.draft.cached = [n + (min(a, num_draft - 1) if used else 0) for n, a, used
                                  in zip(self.root_lens, accepted, use_model)]
-        emitted = [o[:a + 1] for o, a in zip(out_list, accepted)]
+        emitted = [r[:a + 1] for r, a in zip(result, accepted)]
         self._record(num_draft, draft_lens, accepted, kind, use_model)
         self._learn_unused_lookup(unused, emitted)
         return emitted
@@ -920,7 +982,7 @@ class _Run:
         mask, depth = tree_metadata(parents)
         target_lens = self._lens([n - 1 for n in self.root_lens])
         positions = target_lens.long()[:, None] + depth.long()
-        logits = self.verify_forward(tree_tokens, target_lens, positions, mask)
+        logits = self.tree_forward(tree_tokens, target_lens, positions, mask)
         if self.greedy:
             out, path, num_accepted = tree_verify_greedy(logits, tree_tokens, parents)
         else:

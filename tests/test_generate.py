@@ -254,12 +254,12 @@ def test_warm_up_times_again_a_verify_reading_above_a_longer_ones(pair, monkeypa
     from specops import loop
     readings = {1: [1.0], 2: [3.0, 1.1], 9: [4.0, 5.0], 17: [2.0]}
     forwards, measured = [], []
-    original_forward, original_time = loop._Run._target_forward_dummy, loop._Run._time
+    original_forward, original_time = loop._Run._chain_step_dummy, loop._Run._time
     original_measure = loop._Run._measure_verify
 
-    def forward(self, lens, n):
+    def forward(self, n):
         forwards.append(n)
-        return original_forward(self, lens, n)
+        return original_forward(self, n)
 
     def scripted(self, fn):     # warm-up verify forwards read from the script
         before = len(forwards)
@@ -270,7 +270,7 @@ def test_warm_up_times_again_a_verify_reading_above_a_longer_ones(pair, monkeypa
         measured.append(original_measure(self, 17))
         return dict(measured[-1])
 
-    monkeypatch.setattr(loop._Run, "_target_forward_dummy", forward)
+    monkeypatch.setattr(loop._Run, "_chain_step_dummy", forward)
     monkeypatch.setattr(loop._Run, "_time", scripted)
     monkeypatch.setattr(loop._Run, "_time_warm", lambda self, fn, cpu_calls=1: self._time(fn))
     monkeypatch.setattr(loop._Run, "_measure_verify", measure)

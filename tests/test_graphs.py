@@ -70,8 +70,8 @@ def test_graphs_are_on_by_default_on_cuda():
     ids = torch.randint(2, 64, (2, 5), generator=torch.Generator().manual_seed(2)).cuda()
     gen = specops.SpeculativeGenerator(target, draft, num_draft_tokens=2, eos_token_id=[])
     default = gen.generate(ids, max_new_tokens=12)
-    assert isinstance(gen._graphed.verify_forward, specops.graphs.GraphedStep)
-    assert gen._graphed.verify_forward.graphs and gen._graphed.draft._one_token.graphs
+    assert isinstance(gen._graphed.chain_step, specops.graphs.GraphedStep)
+    assert gen._graphed.chain_step.graphs and gen._graphed.draft._one_token.graphs
     eager = specops.generate(target, ids, draft=draft, num_draft_tokens=2, max_new_tokens=12,
                              eos_token_id=[], cuda_graphs=False)
     assert torch.equal(default.sequences, eager.sequences)

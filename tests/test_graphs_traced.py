@@ -175,20 +175,22 @@ def test_a_generator_keeps_its_graphs_between_calls(pair, cpu_graphs, options):
 
     steps, captures = both([5, 1, 9], NEW, seed=1)
     kept = gen._graphed
-    assert steps == 2 and captures > 0           # the target's verify and the draft's step
+    # the target's chain step, its tree forward (with a tree) and the draft's step
+    assert steps == (3 if "tree" in options else 2) and captures > 0
     again = both([7, 3, 2], NEW, seed=2)
     assert again[0] == steps and again[1] - captures < captures and gen._graphed is kept
     assert both([4, 9, 6], NEW - 5, seed=3)[0] == steps and gen._graphed is kept
-    assert both([9, 9, 30], NEW, seed=4)[0] == steps + 2      # more room: new caches
+    assert both([9, 9, 30], NEW, seed=4)[0] == 2 * steps      # more room: new caches
     assert gen._graphed is not kept
-    assert both([5, 2], NEW, seed=5)[0] == steps + 4          # another batch size
+    assert both([5, 2], NEW, seed=5)[0] == 3 * steps          # another batch size
     gen.release_graphs()
     assert gen._graphed is None and eager._graphed is None   # without graphs nothing is kept
 
 
 def test_warm_up_costs_are_measured_through_the_graphed_steps(pair, cpu_graphs):
-    """The cost-aware warm-up times the steps the loop runs: with graphs, the verify sizes it
-    measures (1, 2 and max_draft + 1 tokens) are captured and the draft's one-token step too.
+    """The cost-aware warm-up times the steps the loop runs: with graphs, the chain steps
+    (forward and verify) of the sizes it measures (1, 2 and max_draft + 1 tokens) are
+    captured and the draft's one-token step too.
     Timing the eager forward instead priced a GPU step at its kernel launches (39-60 ms for a
     one-token forward on an H200, against 6.2 ms for a whole graphed decoding step)."""
     target, draft = pair
@@ -196,7 +198,8 @@ def test_warm_up_costs_are_measured_through_the_graphed_steps(pair, cpu_graphs):
                                        max_draft_tokens=4)
     ids, mask = padded(prompts(target.config.vocab_size, [5, 9]), "left")
     gen.generate(ids, mask, max_new_tokens=2)
-    verify_sizes = {key[0][0][1] for key in gen._graphed.verify_forward.graphs}
+    # a chain step's graphs are keyed by (inputs, drafts) shapes: drafts are (B, size - 1)
+    verify_sizes = {key[1][0][1] + 1 for key in gen._graphed.chain_step.graphs}
     assert {1, 2, 5} <= verify_sizes, verify_sizes
     assert gen._graphed.draft._one_token.graphs
 
@@ -210,3 +213,86 @@ def test_graphs_default_to_cuda_only(pair, cpu_graphs):
     ids, mask = padded(prompts(target.config.vocab_size, [5, 9]), "left")
     gen.generate(ids, mask, max_new_tokens=4)
     assert cpu_graphs == [] and gen._graphed is None
+
+
+class HostTraffic:
+    """What one chain step does on the host, per loop phase ("draft", "verify"): tensors made
+    from host data (on a GPU each is a host-to-device copy), reads of tensor values on the
+    host (each a device-to-host copy and a sync) and calls of the verify ops (which belong in
+    the graph). Counted only inside ``_Run._chain_step``."""
+
+    READS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__")
+    MADE = ("tensor", "as_tensor", "from_numpy")
+    VERIFY = ("chain_verify", "chain_verify_greedy", "sampling_probs")
+
+    def __init__(self, monkeypatch):
+        self.on, self.phase = False, None
+        self.counts: dict[tuple[str, str], int] = {}
+        for name in self.READS:
+            monkeypatch.setattr(torch.Tensor, name, self.counted("read", getattr(torch.Tensor, name)))
+        for name in self.MADE:
+            monkeypatch.setattr(torch, name, self.counted("made", getattr(torch, name)))
+        for name in self.VERIFY:
+            monkeypatch.setattr(specops.ops, name, self.counted("verify op",
+                                                                getattr(specops.ops, name)))
+        switch = specops.stats.PhaseClock.switch
+
+        def recorded_switch(clock, phase):
+            self.phase = phase
+            return switch(clock, phase)
+        monkeypatch.setattr(specops.stats.PhaseClock, "switch", recorded_switch)
+
+    def counted(self, kind, fn):
+        def wrapper(*args, **kwargs):
+            if self.on:
+                key = (self.phase, kind)
+                self.counts[key] = self.counts.get(key, 0) + 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(temperature=0.8, top_p=0.9, seed=5),
+    dict(draft=specops.PromptLookup(max_ngram=2), num_draft_tokens=4),
+    dict(draft=specops.PromptLookup(max_ngram=2), num_draft_tokens=4, temperature=1.0, seed=2),
+    dict(draft="model", num_draft_tokens=3),
+    dict(draft="model", num_draft_tokens=2, temperature=1.0, top_k=10, seed=3),
+])
+def test_a_replayed_chain_step_moves_its_inputs_once_and_reads_once(pair, cpu_graphs,
+                                                                    monkeypatch, options):
+    """A graphed chain step sends its small integer inputs (cached lengths, roots, draft
+    lengths, seeds, lookup tokens) to the device in one copy and reads its result back once,
+    and the verify op (with the warp when sampling) runs inside the graph: a replayed step
+    calls none of them from Python. Without a draft model the drafting phase touches no
+    tensor at all. Steps that captured a graph (a shape's first) are not counted: their
+    warm-up calls run the step eagerly."""
+    target, draft = pair
+    if options.get("draft") == "model":
+        options = dict(options, draft=draft)
+    traffic = HostTraffic(monkeypatch)
+    chain_step = specops.loop._Run._chain_step
+    steady = []
+
+    def counted_step(run, *args, **kwargs):
+        captures = sum(g.captures for g in cpu_graphs)
+        traffic.counts, traffic.on = {}, True
+        try:
+            emitted = chain_step(run, *args, **kwargs)
+        finally:
+            traffic.on = False
+        if sum(g.captures for g in cpu_graphs) == captures:
+            steady.append(traffic.counts)
+        return emitted
+    monkeypatch.setattr(specops.loop._Run, "_chain_step", counted_step)
+    rows = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 3, 9, 3, 9, 3, 9]]     # lookup finds matches
+    ids, mask = padded(rows, "left")
+    specops.generate(target, ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=[],
+                     cuda_graphs=True, **options)
+    assert len(steady) >= 3, steady
+    for counts in steady:
+        assert counts.get(("verify", "made"), 0) <= 1, counts
+        assert counts.get(("verify", "read"), 0) == 1, counts
+        assert ("verify", "verify op") not in counts, counts      # the draft may warp
+        if not isinstance(options.get("draft"), torch.nn.Module):
+            assert set(counts) <= {("verify", "made"), ("verify", "read")}, counts
