@@ -62,7 +62,8 @@ Measured, for each batch size in ``--batches``:
   its time over a timed call's is ``compile_seconds``; column ``compiled``),
   ``specops-plain-graphs-unfused`` (graphed, with specops' forward running its layer as plain
   PyTorch ops, ``layer_kernels="torch"``, instead of the fused Triton layer kernels it uses on
-  CUDA since 2026-11-27: an A/B of those kernels in one run; with graphs only, ``--no-unfused`` skips it),
+  CUDA since 2026-11-27: an A/B of those kernels in one run; with graphs only,
+  ``--no-unfused`` skips it),
   ``hf-eager`` (transformers ``generate``, dynamic cache) and ``hf-static``
   (``cache_implementation="static"``, compiled by transformers' automatic ``torch.compile`` on
   CUDA, then named ``hf-static-compiled``; its first call compiles and is timed separately as

@@ -523,11 +523,9 @@ class _GraphedCaches:
         forward, prefill = gen._compiled_forwards(target) or (target, target)
         sampling = gen._sampling()
         chain_step = _chain_verify_step(forward, cache, sampling)
-        tree_forward = None
-        if gen.tree is not None:
-            def tree_forward(tokens, lens, positions, mask):
-                return forward(tokens, cache, lens, positions, mask)
-
+        def forward_on_cache(tokens, lens, positions, mask):
+            return forward(tokens, cache, lens, positions, mask)
+        tree_forward = forward_on_cache if gen.tree is not None else None
         if graphs and target.graph_safe:
             chain_step = GraphedStep(chain_step, device=target.device)
             if tree_forward is not None:
@@ -743,8 +741,8 @@ class _Run:
 
     def _measure_verify(self, largest: int) -> dict[int, float]:
         """A chain step (the target's forward and the verify op) for 1, 2, 9, 17, 33, ...
-        (below ``largest``) and ``largest`` tokens per row, in seconds: fp32 CPU matmuls jump from 1 row to 2, then grow slowly
-        while the kernel streams the weight, faster once a GEMM takes over (past
+        (below ``largest``) and ``largest`` tokens per row, in seconds: fp32 CPU matmuls
+        jump from 1 row to 2, then grow slowly while the kernel streams the weight, faster once a GEMM takes over (past
         ``specops.linear_ops.MAX_ROWS`` rows, all batch rows together), so a long range is
         not one straight line.
 

@@ -229,7 +229,8 @@ class HostTraffic:
         self.on, self.phase = False, None
         self.counts: dict[tuple[str, str], int] = {}
         for name in self.READS:
-            monkeypatch.setattr(torch.Tensor, name, self.counted("read", getattr(torch.Tensor, name)))
+            monkeypatch.setattr(torch.Tensor, name,
+                                self.counted("read", getattr(torch.Tensor, name)))
         for name in self.MADE:
             monkeypatch.setattr(torch, name, self.counted("made", getattr(torch, name)))
         for name in self.VERIFY:

@@ -79,10 +79,10 @@ class SpecopsCausalLM:
     Args:
         model: A Llama / Mistral / Qwen2 ``*ForCausalLM`` with a SiLU-gated MLP.
         layer_kernels: How the layer's elementwise work runs (residual add + RMSNorm, rotary,
-            SiLU gate). ``"auto"``: fused Triton kernels
+            SiLU gate, the K/V cache write). ``"auto"``: fused Triton kernels
             (:mod:`specops.triton_kernels.layers`: 4 launches a layer where eager PyTorch
-            launches about 30, and a CUDA-graph replay's time goes with the count) for inputs on CUDA, the
-            PyTorch composition elsewhere; ``"torch"``: always the composition;
+            launches about 40, and a CUDA-graph replay's time goes with the count) for
+            inputs on CUDA, the PyTorch composition elsewhere; ``"torch"``: always the composition;
             ``"triton"``: always the Triton kernels (on the CPU only under
             ``TRITON_INTERPRET=1``, for tests). Inside ``torch.compile`` the composition
             runs whatever this says (Inductor fuses it).
