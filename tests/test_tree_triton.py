@@ -6,6 +6,7 @@ GPU the same tests run natively on CUDA tensors, plus large trees (T = 256), V =
 CUDA-graph replay.
 """
 
+import importlib
 import os
 import textwrap
 
@@ -217,15 +218,21 @@ def test_tree_metadata_256_nodes():
 
 
 def check_verify(inputs, block_size=None):
-    tokens, path, num_accepted = tree_verify_triton(**inputs, block_size=block_size)
+    """Every path that applies against the reference: without draft_probs both the two-launch
+    path of deterministic children (the default at these shapes) and the single walk."""
     expected = tree_verify_ref(**inputs)
-    assert_same(num_accepted, expected[2], "num_accepted")
-    assert_same(path, expected[1], "path")
-    assert_same(tokens, expected[0], "tokens")
+    has_draft_probs = inputs["draft_probs"] is not None
     vocab = inputs["target_probs"].shape[-1]
-    final = tokens.gather(1, num_accepted.long()[:, None])
-    assert ((final >= 0) & (final < vocab)).all()
-    return tokens, path, num_accepted
+    for one_hot_path in ((False,) if has_draft_probs else (True, False)):
+        tokens, path, num_accepted = tree_verify_triton(**inputs, block_size=block_size,
+                                                        one_hot_path=one_hot_path)
+        what = "two-launch" if one_hot_path else "single walk"
+        assert_same(num_accepted, expected[2], f"num_accepted ({what})")
+        assert_same(path, expected[1], f"path ({what})")
+        assert_same(tokens, expected[0], f"tokens ({what})")
+        final = tokens.gather(1, num_accepted.long()[:, None])
+        assert ((final >= 0) & (final < vocab)).all()
+    return expected
 
 
 def test_tree_verify_literal():
@@ -240,12 +247,16 @@ def test_tree_verify_literal():
                 num_nodes=torch.tensor([5], dtype=torch.int32, device=DEVICE), draft_probs=None,
                 seeds=torch.tensor([123], device=DEVICE),
                 positions=torch.tensor([40], device=DEVICE))
-    tokens, path, num_accepted = tree_verify_triton(**args, block_size=4)
-    assert tokens.tolist() == [[3, 4, 7, -1, -1]]
-    assert path.tolist() == [[2, 3, -1, -1, -1]] and num_accepted.tolist() == [2]
-    args["num_nodes"] = args["num_nodes"] * 0 + 2  # only node 1, rejected: draw from p_0 - q
-    tokens, path, num_accepted = tree_verify_triton(**args, block_size=4)
-    assert tokens.tolist() == [[3, -1, -1, -1, -1]] and num_accepted.tolist() == [0]
+    for one_hot_path in (True, False):
+        args["num_nodes"] = torch.tensor([5], dtype=torch.int32, device=DEVICE)
+        tokens, path, num_accepted = tree_verify_triton(**args, block_size=4,
+                                                        one_hot_path=one_hot_path)
+        assert tokens.tolist() == [[3, 4, 7, -1, -1]]
+        assert path.tolist() == [[2, 3, -1, -1, -1]] and num_accepted.tolist() == [2]
+        args["num_nodes"] = args["num_nodes"] * 0 + 2  # only node 1, rejected: draw from p_0 - q
+        tokens, path, num_accepted = tree_verify_triton(**args, block_size=4,
+                                                        one_hot_path=one_hot_path)
+        assert tokens.tolist() == [[3, -1, -1, -1, -1]] and num_accepted.tolist() == [0]
 
 
 @pytest.mark.parametrize("vocab", [1, 2, 3, 4, 5, 9])
@@ -297,11 +308,12 @@ def test_tree_verify_many_siblings(with_draft_probs):
 def test_tree_verify_equals_chain_on_chains():
     """A chain is the tree parents = [-1, 0, ..., K-1] (contract): the same tokens."""
     gen = torch.Generator().manual_seed(5)
-    for with_draft_probs in (True, False):
+    for with_draft_probs, one_hot_path in ((True, False), (False, False), (False, True)):
         inputs = tree_inputs(6, 5, 9, gen, with_draft_probs, kinds=("chain",))
         inputs["parents"] = random_parents(6, 5, gen, kinds=("chain",)).to(DEVICE)
         inputs["num_nodes"] = inputs["num_nodes"].clamp(1, 5)
-        tokens, _, num_accepted = tree_verify_triton(**inputs, block_size=4)
+        tokens, _, num_accepted = tree_verify_triton(**inputs, block_size=4,
+                                                     one_hot_path=one_hot_path)
         draft_probs = inputs["draft_probs"]
         chain_tokens, chain_num = chain_verify_ref(
             inputs["target_probs"], inputs["tree_tokens"][:, 1:],
@@ -345,17 +357,21 @@ def test_tree_verify_large(batch, num_slots, vocab, with_draft_probs):
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_tree_cuda_graph():
-    """All three launchers captured in one graph; replays follow new seeds and new trees."""
+    """Every launcher (tree_verify's both paths) captured in one graph; replays follow new
+    seeds and new trees (updated in place, so shared by both tree_verify inputs)."""
     gen = torch.Generator().manual_seed(3)
     inputs = tree_inputs(8, 16, 32000, gen, True)
     logits = torch.randn(8, 16, 32000, generator=gen).to(DEVICE)
     greedy_args = (logits, inputs["tree_tokens"], inputs["parents"], inputs["num_nodes"])
+    one_hot = dict(inputs, draft_probs=None)  # the two-launch path of deterministic children
     tree_verify_triton(**inputs)  # compile outside the capture
+    tree_verify_triton(**one_hot)
     tree_verify_greedy_triton(*greedy_args)
     tree_metadata_triton(inputs["parents"], inputs["num_nodes"])
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         verified = tree_verify_triton(**inputs)
+        verified_one_hot = tree_verify_triton(**one_hot)
         greedy = tree_verify_greedy_triton(*greedy_args)
         metadata = tree_metadata_triton(inputs["parents"], inputs["num_nodes"])
     for step in range(2):
@@ -364,17 +380,18 @@ def test_tree_cuda_graph():
             inputs["parents"].copy_(random_parents(8, 16, gen).to(DEVICE))
         graph.replay()
         for got, expected, what in zip(
-                verified + greedy + metadata,
-                tree_verify_ref(**inputs) + tree_verify_greedy_ref(*greedy_args)
+                verified + verified_one_hot + greedy + metadata,
+                tree_verify_ref(**inputs) + tree_verify_ref(**one_hot)
+                + tree_verify_greedy_ref(*greedy_args)
                 + tree_metadata_ref(inputs["parents"], inputs["num_nodes"]),
-                ("tokens", "path", "num_accepted") * 2 + ("mask", "depth")):
+                ("tokens", "path", "num_accepted") * 3 + ("mask", "depth")):
             assert_same(got, expected, f"{what} after replay {step}")
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_tree_ops_opcheck_on_cuda():
     """The CUDA registrations (specops/_gpu.py) of the three tree ops pass opcheck."""
-    import specops  # noqa: F401  (registers the ops)
+    importlib.import_module("specops")  # registers the ops
 
     gen = torch.Generator().manual_seed(4)
     inputs = tree_inputs(3, 6, 100, gen, True)
@@ -496,6 +513,13 @@ _COMPILE_FOR_HOPPER = textwrap.dedent("""
         build(tree._tree_verify_greedy_argmax_kernel, dict(CHUNK=4096),
               target_logits_ptr=dtype, num_nodes_ptr="*i32", chunk_max_ptr="*fp32",
               chunk_argmax_ptr="*i32")
+    build(tree._tree_verify_chunk_mass_kernel, dict(CHUNK=4096), target_probs_ptr="*fp32",
+          num_nodes_ptr="*i32", chunk_mass_ptr="*fp64")
+    build(tree._tree_verify_one_hot_walk_kernel,
+          dict(BLOCK_T=256, BLOCK_CHUNKS=256, CHUNK=4096), target_probs_ptr="*fp32",
+          tree_tokens_ptr="*i64", parents_ptr="*i32", num_nodes_ptr="*i32", seeds_ptr="*i64",
+          positions_ptr="*i64", chunk_mass_ptr="*fp64", tokens_ptr="*i64", path_ptr="*i32",
+          num_accepted_ptr="*i32")
     build(tree._tree_verify_greedy_walk_kernel, dict(BLOCK_T=256, BLOCK_CHUNKS=64),
           tree_tokens_ptr="*i64", parents_ptr="*i32", num_nodes_ptr="*i32",
           chunk_max_ptr="*fp32", chunk_argmax_ptr="*i32", tokens_ptr="*i64", path_ptr="*i32",

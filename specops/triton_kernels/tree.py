@@ -10,24 +10,48 @@ children lists are built.
 
 Design. The verify walk is sequential per row: which child is tested next depends on the
 previous test, and every rejection changes the residual ``r`` through a full-row float64 sum
-(its scale ``S``). ``tree_verify`` is therefore one launch on grid (B,): program b walks row b,
-tests a child with two loads (``r(x)`` and ``q(x)``), and on a rejection makes one pass over
-the vocabulary in blocks that reads ``r`` (the target row, or the workspace) and ``q``, writes
-the new residual to the other half of a [B, 2, V] float32 workspace, and writes its float64
-block masses. The final draw then locates ``u * total`` among the block masses and rescans one
-block; only a draw from an untouched target row needs one extra summing pass. The vocabulary
-is *not* split across programs: a split would need a grid-wide barrier per rejection, which
-Triton cannot express without relying on co-resident programs (and deadlocks the
-interpreter). With B ~ 1 each pass therefore runs on one SM; rows of a batch run in parallel.
+(its scale ``S``). ``tree_verify`` has two paths (``uses_one_hot_path`` picks one):
 
-Traffic of ``tree_verify`` per row: 2 loads per tested child; per rejection V floats of ``r``
-(and V of ``q`` when given) read, V floats and V / BLOCK doubles written; per draw at most V
-floats read twice plus one block. ``tree_verify_greedy``: launch 1 on grid (B, T, chunks)
-reads the logits rows below ``num_nodes`` once (``B*T*V`` elements at most) and writes one
-(max, argmax) pair per chunk; launch 2 on grid (B,) walks the tree, combining the chunk pairs
-of each visited node. ``tree_metadata``: one launch on grid (B, T / BLOCK_I, T / BLOCK_J),
-each program walks BLOCK_I nodes up to the root in lock step (at most depth + 1 steps of one
-parent gather) and writes a [BLOCK_I, BLOCK_J] mask tile and the depths.
+- Deterministic children (``draft_probs`` None, one-hot q), while ``B * T <= 1024``: two
+  launches, as ``tree_verify_greedy``. Rejecting child ``x`` only removes ``x`` from the
+  residual (``sanitize(r / S - onehot(x))`` is ``r / S`` with ``x`` zeroed, as a rejected
+  ``x`` has ``r(x) / S <= u < 1``), so after rejecting the set ``E`` at node ``c`` the
+  residual is ``sanitize(p_c)`` without ``E``, rescaled, and its mass is the row's minus the
+  rejected tokens' values. Launch 1 on grid (B, T, chunks) writes the float64 chunk masses of
+  ``sanitize(p_i)`` for every visitable row; launch 2 on grid (B,) walks with no vocabulary
+  pass: a test reads one float, ``E`` lives in registers, a rejection updates one chunk mass,
+  and the final draw locates ``u * total`` among the chunk masses and rescans one chunk with
+  ``E`` zeroed. The tokens equal the reference's except where float rounding decides a
+  boundary (after two rejections at one node the reference divides twice, this path once).
+- Otherwise (sampled children with ``draft_probs``, or large ``B * T``): one launch on grid
+  (B,): program b walks row b, tests a child with two loads (``r(x)`` and ``q(x)``), and on
+  a rejection makes one pass over the vocabulary in blocks that reads ``r`` (the target row,
+  or the workspace) and ``q``, writes the new residual to the other half of a [B, 2, V]
+  float32 workspace, and writes its float64 block masses. The final draw then locates
+  ``u * total`` among the block masses and rescans one block; only a draw from an untouched
+  target row needs one extra summing pass. The vocabulary is *not* split across programs: a
+  split would need a grid-wide barrier per rejection, which Triton cannot express without
+  relying on co-resident programs (and deadlocks the interpreter). With B ~ 1 each pass
+  therefore runs on one SM; rows of a batch run in parallel.
+
+Traffic of ``tree_verify``, two-launch path: launch 1 reads the rows below ``num_nodes`` once,
+``B*T*V`` floats at most, fully parallel, and writes ``B*T*chunks`` doubles; launch 2 reads per
+tested child one float, per visited node ``chunks`` doubles, per draw one chunk of floats (and
+one chunk per rejection whose chunk mass cancels, rare), and writes 2T ids. E.g. B = 1, T = 64,
+V = 151936, chunk 4096: 38.9 MB read by 2432 programs, 19 KB written, then one 16 KB chunk plus
+304 bytes per visited node read by one program. Single walk: 2 loads per tested child; per
+rejection V floats of ``r`` (and V of ``q`` when given) read, V floats and V / BLOCK doubles
+written, all on one SM (607 KB read and 607 KB written per rejection at V = 151936); per draw
+at most V floats read twice plus one block. So the two-launch path reads T rows once in
+parallel where the walk reads about two rows per rejection serially per batch row; it loses
+only once B fills the GPU and T exceeds the rows a walk passes over, hence the B * T bound.
+
+``tree_verify_greedy``: launch 1 on grid (B, T, chunks) reads the logits rows below
+``num_nodes`` once (``B*T*V`` elements at most) and writes one (max, argmax) pair per chunk;
+launch 2 on grid (B,) walks the tree, combining the chunk pairs of each visited node.
+``tree_metadata``: one launch on grid (B, T / BLOCK_I, T / BLOCK_J), each program walks BLOCK_I
+nodes up to the root in lock step (at most depth + 1 steps of one parent gather) and writes a
+[BLOCK_I, BLOCK_J] mask tile and the depths.
 """
 
 import torch
@@ -39,6 +63,10 @@ from .chain import _check_chunk, _chunk_size
 from .philox import PURPOSE_ACCEPT, PURPOSE_DRAW, philox_uniform
 
 _NUM_WS = tl.constexpr(3)  # block-mass slots per row: workspace halves 0 and 1, target row 2
+# A chunk mass minus a rejected token's value is re-summed when it keeps less than this
+# fraction: float64 cancellation then still leaves ~1e-10 relative error, far below float32's.
+_CANCELS = tl.constexpr(2.0 ** -20)
+_MAX_ONE_HOT_ROWS = 1024  # B * T up to which deterministic children take the two-launch path
 
 
 def _power_of_two(name: str, value: int) -> int:
@@ -281,38 +309,240 @@ def _tree_verify_kernel(
     tl.store(num_accepted_ptr + b, num_accepted)
 
 
+# ------------------------------------------------------- tree_verify, deterministic children
+
+
+@triton.jit
+def _tree_verify_chunk_mass_kernel(
+    target_probs_ptr,  # [B, T, V] float32
+    num_nodes_ptr,  # [B] int32
+    chunk_mass_ptr,  # [B, T, num_chunks] float64, out
+    num_slots, vocab, num_chunks,
+    CHUNK: tl.constexpr,
+):
+    """Program (b, i, c): the float64 mass of chunk c of ``sanitize(target_probs[b, i])``.
+
+    Only rows below num_nodes (and the root's) can be visited; the others are not read (their
+    masses are written as 0). Reads CHUNK floats, writes one double.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(1)
+    chunk = tl.program_id(2)
+    visitable = tl.maximum(tl.load(num_nodes_ptr + b), 1)
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    mask = offs < tl.where(row < visitable, vocab, 0)
+    p = tl.load(target_probs_ptr + (b * num_slots + row) * vocab + offs, mask=mask, other=0.0)
+    mass = tl.sum(_sanitize(p, mask).to(tl.float64), 0)
+    tl.store(chunk_mass_ptr + (b * num_slots + row) * num_chunks + chunk, mass)
+
+
+@triton.jit
+def _chunk_without(row_ptr, chunk, vocab, excluded, lanes, num_excluded, CHUNK: tl.constexpr):
+    """Chunk ``chunk`` of ``sanitize(row)`` with the tokens ``excluded[:num_excluded]`` zeroed:
+    (offs [CHUNK] int32, w [CHUNK] float32). Reads CHUNK floats."""
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    in_vocab = offs < vocab
+    w = _sanitize(tl.load(row_ptr + offs, mask=in_vocab, other=0.0), in_vocab)
+    for j in range(0, num_excluded):
+        token = tl.sum(tl.where(lanes == j, excluded, 0), 0)
+        w = tl.where(offs == token, 0.0, w)
+    return offs, w
+
+
+@triton.jit
+def _tree_verify_one_hot_walk_kernel(
+    target_probs_ptr,  # [B, T, V] float32
+    tree_tokens_ptr,  # [B, T] int64
+    parents_ptr,  # [B, T] int32
+    num_nodes_ptr,  # [B] int32
+    seeds_ptr,  # [B] int64
+    positions_ptr,  # [B] int64
+    chunk_mass_ptr,  # [B, T, num_chunks] float64, from launch 1
+    tokens_ptr,  # [B, T] int64, out
+    path_ptr,  # [B, T] int32, out
+    num_accepted_ptr,  # [B] int32, out
+    num_slots, vocab, num_chunks,
+    BLOCK_T: tl.constexpr, BLOCK_CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Program b: walk row b's tree with deterministic children (one-hot q), no vocabulary
+    passes.
+
+    At node ``cur`` the residual is ``p = target_probs[b, cur]`` (raw, scale 1) until the first
+    rejection that leaves mass; from then on it is ``sanitize(p)`` without the rejected tokens
+    ``E`` (``excluded[:num_excluded]``), scale ``S = float32(mass)``: with one-hot q,
+    ``sanitize(r / S - onehot(x))`` is ``r / S`` with ``x`` zeroed (a rejected ``x`` has
+    ``r(x) / S <= u < 1``), i.e. the same tokens rescaled, so only ``E`` and the float64 chunk
+    masses ``mass`` (launch 1's, minus the rejected tokens' values) are kept. A subtraction
+    that cancels (more than 1 - 2**-20 of its chunk) re-sums that chunk instead, so a chunk
+    whose positive entries are all rejected has mass exactly 0, as the reference's float64 sum,
+    and the zero-mass rule (keep the previous r, S) is decided as there. Reads per tested
+    child one float; per visited node num_chunks doubles; per draw one chunk; per cancelling
+    rejection one chunk. Writes 2T ids and one count.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    lanes = tl.arange(0, BLOCK_T)
+    chunks = tl.arange(0, BLOCK_CHUNKS)
+    num_nodes = tl.minimum(tl.load(num_nodes_ptr + b), num_slots)
+    parents = tl.load(parents_ptr + b * num_slots + lanes, mask=lanes < num_slots, other=-1)
+    seed = tl.load(seeds_ptr + b)
+    position = tl.load(positions_ptr + b)
+
+    cur = tl.full([], 0, tl.int32)
+    depth = tl.where(num_nodes >= 1, 0, -1)  # a root without nodes is detached (depth -1)
+    num_accepted = tl.full([], 0, tl.int32)
+    rank = tl.full([], 0, tl.int32)
+    path = tl.full([BLOCK_T], -1, tl.int32)
+    tokens = tl.full([BLOCK_T], -1, tl.int64)
+    untouched = tl.full([], 1, tl.int32)  # r is the raw target row, S = 1
+    scale = tl.full([], 1.0, tl.float32)
+    excluded = tl.full([BLOCK_T], -1, tl.int32)
+    num_excluded = tl.full([], 0, tl.int32)
+    mass = tl.load(chunk_mass_ptr + b * num_slots * num_chunks + chunks,
+                   mask=chunks < num_chunks, other=0.0)
+    child = _next_child(parents, lanes, cur, cur, num_nodes)
+    # child rises strictly every step, so at most T - 1 tests.
+    while child < NO_INDEX:
+        target_row = target_probs_ptr + (b * num_slots + cur) * vocab
+        x = tl.load(tree_tokens_ptr + b * num_slots + child)
+        valid = (x >= 0) & (x < vocab)
+        x_safe = tl.where(valid, x, 0).to(tl.int32)
+        # Out-of-range tokens read r(x) = q(x) = 0 and so are rejected.
+        p_x = tl.load(target_row + x_safe, mask=valid, other=0.0)
+        in_e = tl.max((excluded == x_safe).to(tl.int32), 0) > 0
+        kept_x = tl.where(valid & ~in_e, _sanitize(p_x, valid), 0.0)  # s(x) unless rejected
+        r_x = tl.where(untouched != 0, p_x, kept_x)
+        q_x = tl.where(valid, 1.0, 0.0)
+        u = philox_uniform(seed, position + depth + 1, rank.to(tl.uint32), PURPOSE_ACCEPT)
+        if u * q_x < tl.math.div_rn(r_x, scale):
+            path = tl.where(lanes == num_accepted, child, path)
+            tokens = tl.where(lanes == num_accepted, x, tokens)
+            num_accepted += 1
+            cur = child
+            depth += 1
+            rank = tl.full([], 0, tl.int32)
+            untouched = tl.full([], 1, tl.int32)
+            scale = tl.full([], 1.0, tl.float32)
+            excluded = tl.full([BLOCK_T], -1, tl.int32)
+            num_excluded = tl.full([], 0, tl.int32)
+            mass = tl.load(chunk_mass_ptr + (b * num_slots + cur) * num_chunks + chunks,
+                           mask=chunks < num_chunks, other=0.0)
+        else:
+            # The residual without x: x's chunk loses s(x) (re-summed if that cancels).
+            chunk = x_safe // CHUNK
+            before = tl.sum(tl.where(chunks == chunk, mass, 0.0), 0)
+            left = before - kept_x.to(tl.float64)
+            if (kept_x > 0) & (left <= before * _CANCELS):
+                offs, w = _chunk_without(target_row, chunk, vocab, excluded, lanes,
+                                         num_excluded, CHUNK)
+                left = tl.sum(tl.where(offs == x_safe, 0.0, w).to(tl.float64), 0)
+            new_mass = tl.where(chunks == chunk, left, mass)
+            total = tl.sum(new_mass, 0)
+            # A residual without mass keeps the previous r and S (contract).
+            if total > 0:
+                mass = new_mass
+                scale = total.to(tl.float32)
+                untouched = tl.full([], 0, tl.int32)
+                slot = tl.where(kept_x > 0, num_excluded, -1)
+                excluded = tl.where(lanes == slot, x_safe, excluded)
+                num_excluded += (kept_x > 0).to(tl.int32)
+            rank += 1
+        child = _next_child(parents, lanes, cur, child, num_nodes)
+
+    # Final draw from the residual: locate u * total among the chunk masses, rescan one chunk.
+    target_row = target_probs_ptr + (b * num_slots + cur) * vocab
+    u = philox_uniform(seed, position + depth + 1, 0, PURPOSE_DRAW)
+    cum_mass = tl.cumsum(mass, 0)
+    threshold = u.to(tl.float64) * tl.max(cum_mass, 0)
+    first_hit = tl.min(tl.where((mass > 0) & (cum_mass > threshold), chunks, NO_INDEX), 0)
+    last_positive = tl.max(tl.where(mass > 0, chunks, -1), 0)
+    hit_chunk = tl.where(first_hit < NO_INDEX, first_hit, last_positive)
+    mass_before = tl.sum(tl.where(chunks == hit_chunk - 1, cum_mass, 0.0), 0)
+    offs, w = _chunk_without(target_row, tl.maximum(hit_chunk, 0), vocab, excluded, lanes,
+                             num_excluded, CHUNK)
+    w = w.to(tl.float64)
+    cum_w = mass_before + tl.cumsum(w, 0)
+    first = tl.min(tl.where((w > 0) & (cum_w > threshold), offs, NO_INDEX), 0)
+    # Only rounding between the chunk masses and this scan can miss every lane: then the
+    # chunk's last positive lane, as the reference falls back to the last positive index.
+    last = tl.max(tl.where(w > 0, offs, -1), 0)
+    token = tl.where(first < NO_INDEX, first, last)
+    token = tl.where(hit_chunk >= 0, tl.maximum(token, 0), 0)  # no positive mass: token 0
+
+    tokens = tl.where(lanes == num_accepted, token.to(tl.int64), tokens)
+    out = b * num_slots + lanes
+    tl.store(tokens_ptr + out, tokens, mask=lanes < num_slots)
+    tl.store(path_ptr + out, path, mask=lanes < num_slots)
+    tl.store(num_accepted_ptr + b, num_accepted)
+
+
+def uses_one_hot_path(batch: int, num_slots: int, has_draft_probs: bool) -> bool:
+    """Whether ``tree_verify_triton`` takes the two-launch path of deterministic children.
+
+    Only without draft_probs (one-hot q), and only while ``B * T <= _MAX_ONE_HOT_ROWS``: the
+    two-launch path reads every visitable row once, B*T*V floats, fully parallel, so its time
+    grows with B*T; the single walk reads about two rows per rejection (plus up to two for the
+    draw) on one SM per batch row, so it gains on the two-launch path only once B fills the
+    GPU and the trees are deep (T above the number of row passes per walk).
+    """
+    return not has_draft_probs and batch * num_slots <= _MAX_ONE_HOT_ROWS
+
+
 def tree_verify_triton(target_probs: torch.Tensor, tree_tokens: torch.Tensor,
                        parents: torch.Tensor, num_nodes: torch.Tensor,
                        draft_probs: torch.Tensor | None, seeds: torch.Tensor,
-                       positions: torch.Tensor, *, block_size: int | None = None
+                       positions: torch.Tensor, *, block_size: int | None = None,
+                       one_hot_path: bool | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Lossless verification of a token tree per row, in one sync-free launch.
+    """Lossless verification of a token tree per row, sync-free: one launch (the walk), or
+    two (chunk masses, then a walk without vocabulary passes) for deterministic children.
 
     Args:
         target_probs: [B, T, V] float32, row i = target distribution after node i.
         tree_tokens: [B, T] int64. parents: [B, T] int32. num_nodes: [B] int32.
         draft_probs: [B, T, V] float32 (row 0 unused), or None for deterministic children.
         seeds, positions: [B] int64.
-        block_size: vocabulary lanes per loop step, a power of two (default: from V).
+        block_size: vocabulary lanes per loop step of the single walk, or per chunk of the
+            two-launch path; a power of two (default: from the shapes).
+        one_hot_path: take the two-launch path (needs draft_probs None); default
+            ``uses_one_hot_path``.
 
     Returns:
         tokens [B, T] int64, path [B, T] int32, num_accepted [B] int32, equal to
-        ``tree_verify_ref`` except where float rounding decides a draw boundary.
+        ``tree_verify_ref`` except where float rounding decides a boundary.
     """
     batch, num_slots, vocab = target_probs.shape
     device = target_probs.device
+    has_draft_probs = draft_probs is not None
+    if one_hot_path is None:
+        one_hot_path = uses_one_hot_path(batch, num_slots, has_draft_probs)
+    if one_hot_path and has_draft_probs:
+        raise ValueError("one_hot_path needs draft_probs=None (deterministic children)")
     tokens = torch.empty((batch, num_slots), dtype=torch.int64, device=device)
     path = torch.empty((batch, num_slots), dtype=torch.int32, device=device)
     num_accepted = torch.empty((batch,), dtype=torch.int32, device=device)
     if batch == 0:
+        return tokens, path, num_accepted
+    target_probs = target_probs.contiguous()
+    if one_hot_path:
+        chunk = _power_of_two("block_size", block_size or _chunk_size(batch * num_slots, vocab))
+        num_chunks = max(1, triton.cdiv(vocab, chunk))
+        chunk_mass = torch.empty((batch, num_slots, num_chunks), dtype=torch.float64,
+                                 device=device)
+        num_nodes = num_nodes.contiguous()
+        _tree_verify_chunk_mass_kernel[(batch, num_slots, num_chunks)](
+            target_probs, num_nodes, chunk_mass, num_slots, vocab, num_chunks, CHUNK=chunk)
+        _tree_verify_one_hot_walk_kernel[(batch,)](
+            target_probs, tree_tokens.contiguous(), parents.contiguous(), num_nodes,
+            seeds.contiguous(), positions.contiguous(), chunk_mass, tokens, path,
+            num_accepted, num_slots, vocab, num_chunks,
+            BLOCK_T=triton.next_power_of_2(num_slots),
+            BLOCK_CHUNKS=triton.next_power_of_2(num_chunks), CHUNK=chunk)
         return tokens, path, num_accepted
     # Not tuned on hardware: 4096 lanes and 16 warps keep many loads in flight on one SM.
     block = _power_of_two("block_size", block_size or min(4096, triton.next_power_of_2(vocab)))
     num_blocks = triton.cdiv(vocab, block)
     ws = torch.empty((batch, 2, vocab), dtype=torch.float32, device=device)
     ws_mass = torch.empty((batch, 3, num_blocks), dtype=torch.float64, device=device)
-    target_probs = target_probs.contiguous()
-    has_draft_probs = draft_probs is not None
     _tree_verify_kernel[(batch,)](
         target_probs, tree_tokens.contiguous(), parents.contiguous(), num_nodes.contiguous(),
         draft_probs.contiguous() if has_draft_probs else target_probs, seeds.contiguous(),
