@@ -39,6 +39,15 @@ def fit_vocab(logits: Tensor, vocab_size: int) -> Tensor:
     return torch.cat([logits, pad], -1)
 
 
+# A draft step's record (:meth:`DraftRunner.draft_chain`) holds the token as a float32,
+# exact for ids below 2**24: one tensor, so that one graph's output carries token and probs.
+MAX_RECORD_VOCAB = 2 ** 24
+
+# The pick: (logits (B, V), Philox positions (B,) int64, seeds (B,) int64) -> (tokens (B,)
+# int64, probs (B, V) float32 or None).
+Pick = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor | None]]
+
+
 class DraftRunner:
     """Runs a draft model for the loop (see the module docstring).
 
@@ -47,8 +56,14 @@ class DraftRunner:
         batch_size, capacity: of its static cache (``capacity`` >= the longest row plus the
             largest draft or tree the loop asks for).
         vocab_size: the target's vocabulary size (logits are fitted to it).
-        graphs: replay the one-token step from a device graph, CUDA or HPU, on the
-            model's device (:mod:`specops.graphs`).
+        pick: ``pick(logits, positions, seeds) -> (tokens, probs)``, how a chain's draft
+            token is chosen from the fitted logits (Shape ``(B, V)``): an argmax (``probs``
+            None) or a draw from the warped distribution (``probs`` Shape ``(B, V)``,
+            float32) with Philox keyed by ``seeds`` and the drawn token's absolute
+            ``positions`` (both Shape ``(B,)``, int64). Sync-free: with ``graphs`` it runs
+            inside the graphed one-token step, its Python values (temperature, ...) frozen.
+        graphs: replay the one-token step (forward and pick) and the chain's first pick
+            from device graphs, CUDA or HPU, on the model's device (:mod:`specops.graphs`).
         compiled: ``(model.compiled(), model.compiled(any_length=True))`` or None: the
             one-token step runs through the first (``torch.compile``; with ``graphs``, the
             graph captures it), the prefill and catch-up feeds through the second. The
@@ -57,7 +72,11 @@ class DraftRunner:
     """
 
     def __init__(self, model: CausalLM, batch_size: int, capacity: int, vocab_size: int,
-                 graphs: bool = False, compiled: tuple[Callable, Callable] | None = None):
+                 pick: Pick, graphs: bool = False,
+                 compiled: tuple[Callable, Callable] | None = None):
+        if vocab_size > MAX_RECORD_VOCAB:
+            raise ValueError(f"DraftRunner: vocab_size {vocab_size} above {MAX_RECORD_VOCAB} "
+                             "(a draft step carries its token as a float32)")
         self.model = model
         self.cache = model.new_cache(batch_size, capacity)
         self.vocab_size = vocab_size
@@ -70,11 +89,21 @@ class DraftRunner:
         cache = self.cache
         step, self._feed_model = compiled if compiled is not None else (model, model)
 
-        def one_token(token, lens, positions):
-            return step(token, cache, lens, positions)
+        def first_pick(logits: Tensor, keys: Tensor) -> Tensor:
+            token, probs = pick(logits, keys[:, 1], keys[:, 2])
+            token = token.float()[:, None]
+            return token if probs is None else torch.cat([probs.float(), token], 1)
 
-        # the autoregressive one-token step, the same shape every time: graphed on CUDA/HPU
+        def one_token(token: Tensor, keys: Tensor) -> Tensor:
+            positions = keys[:, :1].contiguous()
+            logits = step(token.long()[:, None], cache, positions[:, 0].int(), positions)
+            return first_pick(fit_vocab(logits[:, 0], vocab_size), keys)
+
+        # the autoregressive one-token step (forward and pick), the same shapes every time,
+        # and the pick after the catch-up: graphed on CUDA/HPU
         self._one_token = GraphedStep(one_token, device=self.device) if graphs else one_token
+        self._first_pick = (GraphedStep(first_pick, device=self.device) if graphs
+                            else first_pick)
 
     def reset(self) -> None:
         """Forgets every row (a new call reusing this runner and its graphs): the cache's
@@ -83,6 +112,30 @@ class DraftRunner:
 
     def _lens(self, values: list[int]) -> Tensor:
         return torch.tensor(values, dtype=torch.int32, device=self.device)
+
+    def _to_device(self, host: list[list[int]]) -> Tensor:
+        """Rows of host integers as one int64 device tensor: one copy, from pinned memory on
+        CUDA (so that it does not wait for the device)."""
+        pinned = torch.tensor(host, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        return pinned.to(self.device, non_blocking=True)
+
+    def _feed_columns(self, new: list[list[int]]) -> list[list[int]]:
+        """Per row the feed's host inputs (:meth:`_feed_on_device`): its cached length, the
+        index of its last new token, then the new tokens, padded with 0 to the longest."""
+        width = max(len(n) for n in new)
+        return [[c, max(len(n), 1) - 1] + [min(t, self.max_token) for t in n]
+                + [0] * (width - len(n)) for c, n in zip(self.cached, new)]
+
+    def _feed_on_device(self, feed: Tensor, prefill: bool = False) -> Tensor:
+        """Feeds each row's new tokens at slots ``cached[b]...``; ``feed``: Shape ``(B, 2 +
+        W)``, int64, the rows of :meth:`_feed_columns` on the device. Returns each row's
+        logits after its last new token, fitted to the target vocabulary: Shape ``(B, V)``,
+        float32. Leaves ``cached`` to the caller."""
+        lens, last, tokens = feed[:, 0], feed[:, 1:2].contiguous(), feed[:, 2:].contiguous()
+        positions = lens[:, None] + torch.arange(tokens.shape[1], device=self.device)
+        logits = self._feed_model(tokens, self.cache, lens.int(), positions,
+                                  logits_index=last, prefill=prefill)
+        return fit_vocab(logits[:, 0], self.vocab_size)
 
     def prefill(self, rows: list[list[int]]) -> None:
         """Caches every row but its root (the last token), like the target."""
@@ -93,61 +146,74 @@ class DraftRunner:
     def _feed(self, new: list[list[int]], prefill: bool = False) -> Tensor:
         """Feeds ``new[b]`` at slots ``cached[b]...``; returns each row's logits after its
         last new token, fitted to the target vocabulary. Shape ``(B, V)``, float32."""
-        width = max(len(n) for n in new)
-        tokens = torch.zeros(len(new), width, dtype=torch.int64)
-        for b, n in enumerate(new):
-            tokens[b, :len(n)] = torch.tensor(n, dtype=torch.int64)
-        tokens.clamp_(max=self.max_token)
-        lens = self._lens(self.cached)
-        positions = lens.long()[:, None] + torch.arange(width, device=self.device)
-        last = torch.tensor([max(len(n), 1) - 1 for n in new], device=self.device)
-        logits = self._feed_model(tokens.to(self.device), self.cache, lens, positions,
-                                  logits_index=last[:, None], prefill=prefill)
+        logits = self._feed_on_device(self._to_device(self._feed_columns(new)), prefill)
         self.cached = [c + len(n) for c, n in zip(self.cached, new)]
-        return fit_vocab(logits[:, 0], self.vocab_size)
+        return logits
 
     def catch_up(self, rows: list[list[int]]) -> Tensor:
         """Feeds every row's uncached tokens (at least its root); returns the draft's logits
         for the token after the root, shape ``(B, V)``."""
         return self._feed([r[c:] for r, c in zip(rows, self.cached)])
 
-    def draft_chain(self, rows: list[list[int]], num_draft: int,
-                    pick: Callable[[Tensor, int], tuple[Tensor, Tensor | None]]
-                    ) -> tuple[Tensor, Tensor | None]:
-        """Drafts ``num_draft`` tokens per row autoregressively.
+    def draft_chain(self, rows: list[list[int]], num_draft: int, seeds: list[int],
+                    forced: list[list[int]] | None = None) -> tuple[Tensor, Tensor | None]:
+        """Drafts ``num_draft`` (>= 1) tokens per row autoregressively, each picked by the
+        runner's ``pick`` with row ``b``'s seed ``seeds[b]`` at the token's absolute position
+        (``len(rows[b]) + j`` for draft slot ``j``).
 
-        ``pick(logits, j)`` turns the logits for draft slot ``j`` (shape ``(B, V)``) into
-        ``(tokens (B,) int64, probs (B, V) float32 or None)``: an argmax (greedy) or a draw
-        from the warped distribution.
+        With graphs the host work is one copy to the device at the start (the catch-up's
+        tokens and lengths, the seeds, ``forced``) and no read: the catch-up feed runs
+        eagerly, then its pick and each further token's forward and pick replay a graph
+        (the token and its positions stay on the device).
 
-        Returns ``draft_tokens (B, num_draft)`` and ``draft_probs (B, num_draft, V)`` (None
-        when ``pick`` returns None). Afterwards the cache holds the root and the first
-        ``num_draft - 1`` drafts; the loop then sets ``cached`` to what was accepted.
+        ``forced[b]`` (at most ``num_draft`` tokens) replaces row ``b``'s first drafts, as
+        point masses in ``draft_probs``: a :class:`Hybrid`'s lookup tokens (the model still
+        drafts the row; the loop keeps only its root cached).
+
+        Returns ``draft_tokens (B, num_draft)`` int64 and ``draft_probs (B, num_draft, V)``
+        float32 (None when ``pick`` gives None). Afterwards the cache holds the root and the
+        first ``num_draft - 1`` drafts; the loop then sets ``cached`` to what was accepted.
         """
-        logits = self.catch_up(rows)
-        tokens, probs = [], []
-        for j in range(num_draft):
-            token, prob = pick(logits, j)
-            tokens.append(token)
-            probs.append(prob)
-            if j + 1 < num_draft:
-                logits = self._feed_tokens(token)
-        draft = torch.stack(tokens, 1)
-        return draft, (None if probs[0] is None else torch.stack(probs, 1))
+        batch = len(rows)
+        forced = forced or [[] for _ in rows]
+        new = [r[c:] for r, c in zip(rows, self.cached)]
+        host = [[seed, len(row), c + len(n), len(f)] + f + [0] * (num_draft - len(f)) + feed
+                for seed, row, c, n, f, feed in zip(seeds, rows, self.cached, new, forced,
+                                                    self._feed_columns(new))]
+        inputs = self._to_device(host)                    # the draft phase's one copy
+        seeds_t, root_lens, fed_lens, num_forced = inputs[:, :4].t()
+        forced_t, feed = inputs[:, 4:4 + num_draft], inputs[:, 4 + num_draft:]
+        logits = self._feed_on_device(feed)
+        self.cached = [c + len(n) + num_draft - 1 for c, n in zip(self.cached, new)]
+        # slot j's keys: the position its predecessor is fed at (the cache's length after
+        # the catch-up, plus j - 1), its own position (Philox) and the row's seed
+        slots = torch.arange(num_draft, device=self.device)
+        keys = torch.stack([fed_lens[:, None] + slots - 1, root_lens[:, None] + slots,
+                            seeds_t[:, None].expand(-1, num_draft)], -1)
+        first = self._first_pick(logits, keys[:, 0])
+        # each replay overwrites the graph's output: every slot's record is copied out
+        records = first.new_empty(batch, num_draft, first.shape[1])
+        records[:, 0] = first
+        for j in range(1, num_draft):
+            records[:, j] = self._one_token(records[:, j - 1, -1], keys[:, j])
+        tokens = records[..., -1].long()
+        probs = records[..., :-1].contiguous() if records.shape[-1] > 1 else None
+        if any(forced):
+            take = slots < num_forced[:, None]                         # (B, num_draft)
+            tokens = torch.where(take, forced_t, tokens)
+            if probs is not None:
+                point = torch.zeros_like(probs).scatter_(-1, forced_t[..., None], 1.0)
+                probs = torch.where(take[..., None], point, probs)
+        return tokens, probs
 
     def time_one_token(self) -> None:
-        """One one-token step on dummy tokens, through the same (graphed, compiled) step the
-        chain uses, for the loop's cost warm-up: it writes junk past each row's length
-        (never attended, overwritten later) and leaves ``cached`` as it was."""
-        lens = self._lens(self.cached)
-        token = torch.zeros(len(self.cached), 1, dtype=torch.int64, device=self.device)
-        self._one_token(token, lens, lens.long()[:, None])
-
-    def _feed_tokens(self, token: Tensor) -> Tensor:
-        lens = self._lens(self.cached)
-        logits = self._one_token(token[:, None], lens, lens.long()[:, None])
-        self.cached = [c + 1 for c in self.cached]
-        return fit_vocab(logits[:, 0], self.vocab_size)
+        """One one-token step (forward and pick) on dummy tokens, through the same (graphed,
+        compiled) step the chain replays, for the loop's cost warm-up: it writes junk past
+        each row's length (never attended, overwritten later) and leaves ``cached`` as it
+        was."""
+        lens = self._lens(self.cached).long()
+        keys = torch.stack([lens, lens + 1, torch.zeros_like(lens)], -1)
+        self._one_token(torch.zeros(len(self.cached), device=self.device), keys)
 
     def rewind(self, root_lens: list[int]) -> None:
         """Keeps the cache up to each row's root (after a tree step or an overridden draft)."""

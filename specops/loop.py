@@ -493,6 +493,32 @@ def _chain_verify_step(forward: Callable[..., Tensor], cache: object,
     return step
 
 
+def _pick_draft(sampling: tuple[float, int, float]
+                ) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor | None]]:
+    """The draft model's pick for a chain (:class:`DraftRunner`'s ``pick``), sync-free so that
+    the graphed one-token step holds it: ``pick(logits, positions, seeds) -> (tokens,
+    probs)``, the argmax when greedy, else a Philox draw (purpose ``PURPOSE_DRAFT``, keyed by
+    the row's seed and the drawn token's absolute position) from the warped draft
+    distribution (:func:`specops.sampling_probs` with ``sampling = (temperature, top_k,
+    top_p)``; its probabilities go to the verify op).
+
+    - ``logits``: Shape ``(batch_size, vocab_size)``, the draft's, fitted to the target's
+      vocabulary.
+    - ``positions``, ``seeds``: Shape ``(batch_size,)``, int64.
+
+    Returns tokens Shape ``(batch_size,)``, int64, and probs Shape ``(batch_size,
+    vocab_size)``, float32 (None when greedy)."""
+    temperature, top_k, top_p = sampling
+
+    def pick(logits: Tensor, positions: Tensor, seeds: Tensor) -> tuple[Tensor, Tensor | None]:
+        if temperature == 0:
+            return logits.argmax(-1), None
+        probs = ops.sampling_probs(logits, temperature, top_k, top_p)
+        u = uniform(seeds, positions, 0, PURPOSE_DRAFT)
+        return draw(sanitize(probs), u), probs
+    return pick
+
+
 @dataclass
 class _GraphedCaches:
     """A call's KV caches and the steps that run on them: the target's chain step (forward
@@ -516,12 +542,12 @@ class _GraphedCaches:
               graphs: bool) -> "_GraphedCaches":
         target = gen.target
         cache = target.new_cache(batch, capacity)
+        sampling = gen._sampling()
         draft = (DraftRunner(gen.draft, batch, capacity, target.vocab_size,
-                             graphs=graphs and gen.draft.graph_safe,
+                             _pick_draft(sampling), graphs=graphs and gen.draft.graph_safe,
                              compiled=gen._compiled_forwards(gen.draft))
                  if gen.draft is not None else None)
         forward, prefill = gen._compiled_forwards(target) or (target, target)
-        sampling = gen._sampling()
         chain_step = _chain_verify_step(forward, cache, sampling)
         def forward_on_cache(tokens, lens, positions, mask):
             return forward(tokens, cache, lens, positions, mask)
@@ -584,16 +610,6 @@ class _Run:
     def _warp(self, logits: Tensor) -> Tensor:
         gen = self.gen
         return ops.sampling_probs(logits, gen.temperature, gen.top_k, gen.top_p)
-
-    def _pick_draft(self, logits: Tensor, slot: int) -> tuple[Tensor, Tensor | None]:
-        """Draft token for chain slot ``slot``: the argmax when greedy, else a Philox draw
-        from the warped draft distribution (its probabilities go to the verify op)."""
-        if self.greedy:
-            return logits.argmax(-1), None
-        probs = self._warp(logits)
-        positions = self._lens(self.root_lens).long() + slot   # root position + 1 + slot
-        u = uniform(self.seeds, positions, 0, PURPOSE_DRAFT)
-        return draw(sanitize(probs), u), probs
 
     # ------------------------------------------------------------------------- loop
     def loop(self) -> None:
@@ -808,15 +824,11 @@ class _Run:
         lens = [num_draft if use_model[b] else len(looked[b]) for b in range(batch)]
         if not any(use_model):
             return None, None, lens, use_model
-        tokens, probs = self.draft.draft_chain(self.rows, num_draft, self._pick_draft)
-        for b, proposal in enumerate(looked):
-            if use_model[b] or not proposal:
-                continue
-            n = len(proposal)
-            tokens[b, :n] = torch.tensor(proposal, dtype=torch.int64)
-            if probs is not None:   # a lookup token is a point mass: deterministic
-                probs[b, :n] = 0.0
-                probs[b, torch.arange(n), tokens[b, :n]] = 1.0
+        # rows that use their lookup tokens take them in place of the model's, as point
+        # masses (deterministic drafts); they go to the device with the draft's inputs
+        forced = [[] if used else proposal for used, proposal in zip(use_model, looked)]
+        seeds = [gen.seed + b for b in range(batch)]
+        tokens, probs = self.draft.draft_chain(self.rows, num_draft, seeds, forced)
         return tokens, probs, lens, use_model
 
     def _chain_step(self, plain: bool = False) -> list[list[int]]:
