@@ -758,9 +758,9 @@ class _Run:
     def _measure_verify(self, largest: int) -> dict[int, float]:
         """A chain step (the target's forward and the verify op) for 1, 2, 9, 17, 33, ...
         (below ``largest``) and ``largest`` tokens per row, in seconds: fp32 CPU matmuls
-        jump from 1 row to 2, then grow slowly while the kernel streams the weight, faster once a GEMM takes over (past
-        ``specops.linear_ops.MAX_ROWS`` rows, all batch rows together), so a long range is
-        not one straight line.
+        jump from 1 row to 2, then grow slowly while the kernel streams the weight, faster
+        once a GEMM takes over (past ``specops.linear_ops.MAX_ROWS`` rows, all batch rows
+        together), so a long range is not one straight line.
 
         Scoring more tokens per row never costs less, so a reading above that of a larger
         size is noise (a timer only ever adds): that size is timed once more and keeps the
