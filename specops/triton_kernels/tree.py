@@ -178,6 +178,44 @@ def _sanitize(w, mask):
 
 
 @triton.jit
+def _locate_block(mass, index, u):
+    """The final draw's first stage: the block (or chunk) of ``index`` whose cumulative
+    ``mass`` (float64, [NB]) first exceeds ``u * total``, else the last block with mass (-1:
+    none); returns ``(block, mass before it, threshold u * total)``."""
+    cum_mass = tl.cumsum(mass, 0)
+    threshold = u.to(tl.float64) * tl.max(cum_mass, 0)
+    first_hit = tl.min(tl.where((mass > 0) & (cum_mass > threshold), index, NO_INDEX), 0)
+    last_positive = tl.max(tl.where(mass > 0, index, -1), 0)
+    block = tl.where(first_hit < NO_INDEX, first_hit, last_positive)
+    mass_before = tl.sum(tl.where(index == block - 1, cum_mass, 0.0), 0)
+    return block, mass_before, threshold
+
+
+@triton.jit
+def _draw_in_block(w, offs, block, mass_before, threshold):
+    """The final draw's second stage: the token of the located block whose cumulative weight
+    (``w``, float64 at vocabulary ``offs``) first exceeds the threshold."""
+    cum_w = mass_before + tl.cumsum(w, 0)
+    first = tl.min(tl.where((w > 0) & (cum_w > threshold), offs, NO_INDEX), 0)
+    # Only rounding between the block sums and this scan can miss every lane: then the
+    # block's last positive lane, as the reference falls back to the last positive index.
+    last = tl.max(tl.where(w > 0, offs, -1), 0)
+    token = tl.where(first < NO_INDEX, first, last)
+    return tl.where(block >= 0, tl.maximum(token, 0), 0)  # no positive mass: token 0
+
+
+@triton.jit
+def _store_row(tokens_ptr, path_ptr, num_accepted_ptr, b, num_slots, lanes, tokens, path,
+               num_accepted, token):
+    """A row's outputs: its accepted tokens with the drawn one after them, path, count."""
+    tokens = tl.where(lanes == num_accepted, token.to(tl.int64), tokens)
+    out = b * num_slots + lanes
+    tl.store(tokens_ptr + out, tokens, mask=lanes < num_slots)
+    tl.store(path_ptr + out, path, mask=lanes < num_slots)
+    tl.store(num_accepted_ptr + b, num_accepted)
+
+
+@triton.jit
 def _tree_verify_kernel(
     target_probs_ptr,  # [B, T, V] float32
     tree_tokens_ptr,  # [B, T] int64
@@ -285,28 +323,12 @@ def _tree_verify_kernel(
     nb = tl.arange(0, BLOCK_NB)
     mass = tl.load(ws_mass_ptr + (b * _NUM_WS + slot) * num_blocks + nb, mask=nb < num_blocks,
                    other=0.0)
-    cum_mass = tl.cumsum(mass, 0)
-    threshold = u.to(tl.float64) * tl.max(cum_mass, 0)
-    first_hit = tl.min(tl.where((mass > 0) & (cum_mass > threshold), nb, NO_INDEX), 0)
-    last_positive = tl.max(tl.where(mass > 0, nb, -1), 0)
-    hit_block = tl.where(first_hit < NO_INDEX, first_hit, last_positive)
-    mass_before = tl.sum(tl.where(nb == hit_block - 1, cum_mass, 0.0), 0)
+    hit_block, mass_before, threshold = _locate_block(mass, nb, u)
     offs = tl.maximum(hit_block, 0) * BLOCK + blocks
     w = _sanitize(_load_r(target_row, ws_row, from_ws, offs, vocab), offs < vocab)
-    w = w.to(tl.float64)
-    cum_w = mass_before + tl.cumsum(w, 0)
-    first = tl.min(tl.where((w > 0) & (cum_w > threshold), offs, NO_INDEX), 0)
-    # Only rounding between the block sums and this scan can miss every lane: then the
-    # block's last positive lane, as the reference falls back to the last positive index.
-    last = tl.max(tl.where(w > 0, offs, -1), 0)
-    token = tl.where(first < NO_INDEX, first, last)
-    token = tl.where(hit_block >= 0, tl.maximum(token, 0), 0)  # no positive mass: token 0
-
-    tokens = tl.where(lanes == num_accepted, token.to(tl.int64), tokens)
-    out = b * num_slots + lanes
-    tl.store(tokens_ptr + out, tokens, mask=lanes < num_slots)
-    tl.store(path_ptr + out, path, mask=lanes < num_slots)
-    tl.store(num_accepted_ptr + b, num_accepted)
+    token = _draw_in_block(w.to(tl.float64), offs, hit_block, mass_before, threshold)
+    _store_row(tokens_ptr, path_ptr, num_accepted_ptr, b, num_slots, lanes, tokens, path,
+               num_accepted, token)
 
 
 # ------------------------------------------------------- tree_verify, deterministic children
@@ -451,28 +473,12 @@ def _tree_verify_one_hot_walk_kernel(
     # Final draw from the residual: locate u * total among the chunk masses, rescan one chunk.
     target_row = target_probs_ptr + (b * num_slots + cur) * vocab
     u = philox_uniform(seed, position + depth + 1, 0, PURPOSE_DRAW)
-    cum_mass = tl.cumsum(mass, 0)
-    threshold = u.to(tl.float64) * tl.max(cum_mass, 0)
-    first_hit = tl.min(tl.where((mass > 0) & (cum_mass > threshold), chunks, NO_INDEX), 0)
-    last_positive = tl.max(tl.where(mass > 0, chunks, -1), 0)
-    hit_chunk = tl.where(first_hit < NO_INDEX, first_hit, last_positive)
-    mass_before = tl.sum(tl.where(chunks == hit_chunk - 1, cum_mass, 0.0), 0)
+    hit_chunk, mass_before, threshold = _locate_block(mass, chunks, u)
     offs, w = _chunk_without(target_row, tl.maximum(hit_chunk, 0), vocab, excluded, lanes,
                              num_excluded, CHUNK)
-    w = w.to(tl.float64)
-    cum_w = mass_before + tl.cumsum(w, 0)
-    first = tl.min(tl.where((w > 0) & (cum_w > threshold), offs, NO_INDEX), 0)
-    # Only rounding between the chunk masses and this scan can miss every lane: then the
-    # chunk's last positive lane, as the reference falls back to the last positive index.
-    last = tl.max(tl.where(w > 0, offs, -1), 0)
-    token = tl.where(first < NO_INDEX, first, last)
-    token = tl.where(hit_chunk >= 0, tl.maximum(token, 0), 0)  # no positive mass: token 0
-
-    tokens = tl.where(lanes == num_accepted, token.to(tl.int64), tokens)
-    out = b * num_slots + lanes
-    tl.store(tokens_ptr + out, tokens, mask=lanes < num_slots)
-    tl.store(path_ptr + out, path, mask=lanes < num_slots)
-    tl.store(num_accepted_ptr + b, num_accepted)
+    token = _draw_in_block(w.to(tl.float64), offs, hit_chunk, mass_before, threshold)
+    _store_row(tokens_ptr, path_ptr, num_accepted_ptr, b, num_slots, lanes, tokens, path,
+               num_accepted, token)
 
 
 def uses_one_hot_path(batch: int, num_slots: int, has_draft_probs: bool) -> bool:
