@@ -82,8 +82,8 @@ class SpecopsCausalLM:
             SiLU gate, the K/V cache write). ``"auto"``: fused Triton kernels
             (:mod:`specops.triton_kernels.layers`: 4 launches a layer where eager PyTorch
             launches about 40, and a CUDA-graph replay's time goes with the count) for
-            inputs on CUDA, the PyTorch composition elsewhere; ``"torch"``: always the composition;
-            ``"triton"``: always the Triton kernels (on the CPU only under
+            inputs on CUDA, the PyTorch composition elsewhere; ``"torch"``: always the
+            composition; ``"triton"``: always the Triton kernels (on the CPU only under
             ``TRITON_INTERPRET=1``, for tests). Inside ``torch.compile`` the composition
             runs whatever this says (Inductor fuses it).
 
@@ -288,7 +288,7 @@ class SpecopsCausalLM:
             else:
                 cos_h, sin_h = cos.unsqueeze(2), sin.unsqueeze(2)  # broadcast over heads
                 q, k = _rotary(q, cos_h, sin_h), _rotary(k, cos_h, sin_h)
-                k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D), the cache's
+                k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D): cache order
                 writer.write(keys, k)
                 writer.write(values, v)
             if prefill:
@@ -304,9 +304,9 @@ class SpecopsCausalLM:
             gated = fused.silu_mul_triton(gate, up) if fused is not None else F.silu(gate) * up
             pending = _linear(gated, mlp.down_proj)
         if logits_index is not None:
-            index = logits_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-            hidden = hidden.gather(1, index)
-            pending = pending.gather(1, index) if pending is not None else None
+            rows = logits_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+            hidden = hidden.gather(1, rows)
+            pending = pending.gather(1, rows) if pending is not None else None
         _, hidden = _add_rms_norm(fused, hidden, pending, inner.norm)
         return _linear(hidden, self.hf_model.lm_head).float()
 
