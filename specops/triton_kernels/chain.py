@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .argmax import NO_INDEX, block_argmax
+from .blockdraw import draw_in_block, locate_block
 from .philox import PURPOSE_ACCEPT, PURPOSE_DRAW, philox_uniform
 
 
@@ -151,24 +152,12 @@ def _chain_verify_draw_kernel(
     # A residual that lost all its mass to rounding is replaced by p (contract).
     use_target = tl.sum(residual_mass, 0) == 0.0
     mass = tl.where(use_target, target_mass, residual_mass)
-    cum_mass = tl.cumsum(mass, 0)
-    threshold = u.to(tl.float64) * tl.max(cum_mass, 0)
-    first_hit = tl.min(tl.where((mass > 0) & (cum_mass > threshold), chunks, NO_INDEX), 0)
-    last_positive = tl.max(tl.where(mass > 0, chunks, -1), 0)
-    chunk = tl.where(first_hit < NO_INDEX, first_hit, last_positive)
-    mass_before = tl.sum(tl.where(chunks == chunk - 1, cum_mass, 0.0), 0)
-
+    chunk, mass_before, threshold = locate_block(mass, chunks, u)
     offs = tl.maximum(chunk, 0) * CHUNK + tl.arange(0, CHUNK)
     residual, target = _draw_weights(target_probs_ptr, draft_tokens_ptr, draft_probs_ptr, b, n,
                                      n < draft_len, num_slots, vocab, offs, HAS_DRAFT_PROBS)
     w = tl.where(use_target, target, residual).to(tl.float64)
-    cum_w = mass_before + tl.cumsum(w, 0)
-    first = tl.min(tl.where((w > 0) & (cum_w > threshold), offs, NO_INDEX), 0)
-    # Only rounding between the chunk sums and this scan can miss every lane: then the
-    # chunk's last positive lane, as the reference falls back to the last positive index.
-    last = tl.max(tl.where(w > 0, offs, -1), 0)
-    token = tl.where(first < NO_INDEX, first, last)
-    token = tl.where(chunk >= 0, tl.maximum(token, 0), 0)  # no positive mass at all: token 0
+    token = draw_in_block(w, offs, chunk, mass_before, threshold)
 
     slots = tl.arange(0, BLOCK_SLOTS)
     drafts = tl.load(draft_tokens_ptr + b * num_slots + slots, mask=slots < n, other=-1)

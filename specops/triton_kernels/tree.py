@@ -59,6 +59,7 @@ import triton
 import triton.language as tl
 
 from .argmax import NO_INDEX, block_argmax
+from .blockdraw import draw_in_block, locate_block
 from .chain import _check_chunk, _chunk_size
 from .philox import PURPOSE_ACCEPT, PURPOSE_DRAW, philox_uniform
 
@@ -178,30 +179,12 @@ def _sanitize(w, mask):
 
 
 @triton.jit
-def _locate_block(mass, index, u):
-    """The final draw's first stage: the block (or chunk) of ``index`` whose cumulative
-    ``mass`` (float64, [NB]) first exceeds ``u * total``, else the last block with mass (-1:
-    none); returns ``(block, mass before it, threshold u * total)``."""
-    cum_mass = tl.cumsum(mass, 0)
-    threshold = u.to(tl.float64) * tl.max(cum_mass, 0)
-    first_hit = tl.min(tl.where((mass > 0) & (cum_mass > threshold), index, NO_INDEX), 0)
-    last_positive = tl.max(tl.where(mass > 0, index, -1), 0)
-    block = tl.where(first_hit < NO_INDEX, first_hit, last_positive)
-    mass_before = tl.sum(tl.where(index == block - 1, cum_mass, 0.0), 0)
-    return block, mass_before, threshold
-
-
-@triton.jit
-def _draw_in_block(w, offs, block, mass_before, threshold):
-    """The final draw's second stage: the token of the located block whose cumulative weight
-    (``w``, float64 at vocabulary ``offs``) first exceeds the threshold."""
-    cum_w = mass_before + tl.cumsum(w, 0)
-    first = tl.min(tl.where((w > 0) & (cum_w > threshold), offs, NO_INDEX), 0)
-    # Only rounding between the block sums and this scan can miss every lane: then the
-    # block's last positive lane, as the reference falls back to the last positive index.
-    last = tl.max(tl.where(w > 0, offs, -1), 0)
-    token = tl.where(first < NO_INDEX, first, last)
-    return tl.where(block >= 0, tl.maximum(token, 0), 0)  # no positive mass: token 0
+def _walk_start(num_nodes_ptr, parents_ptr, seeds_ptr, positions_ptr, b, num_slots, lanes):
+    """Row ``b``'s walk inputs: its node count (at most T), parents ([BLOCK_T], -1 past T),
+    Philox seed and root position."""
+    num_nodes = tl.minimum(tl.load(num_nodes_ptr + b), num_slots)
+    parents = tl.load(parents_ptr + b * num_slots + lanes, mask=lanes < num_slots, other=-1)
+    return num_nodes, parents, tl.load(seeds_ptr + b), tl.load(positions_ptr + b)
 
 
 @triton.jit
@@ -239,10 +222,8 @@ def _tree_verify_kernel(
     b = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, BLOCK_T)
     blocks = tl.arange(0, BLOCK)
-    num_nodes = tl.minimum(tl.load(num_nodes_ptr + b), num_slots)
-    parents = tl.load(parents_ptr + b * num_slots + lanes, mask=lanes < num_slots, other=-1)
-    seed = tl.load(seeds_ptr + b)
-    position = tl.load(positions_ptr + b)
+    num_nodes, parents, seed, position = _walk_start(num_nodes_ptr, parents_ptr, seeds_ptr,
+                                                     positions_ptr, b, num_slots, lanes)
 
     cur = tl.full([], 0, tl.int32)
     depth = tl.where(num_nodes >= 1, 0, -1)  # a root without nodes is detached (depth -1)
@@ -323,10 +304,10 @@ def _tree_verify_kernel(
     nb = tl.arange(0, BLOCK_NB)
     mass = tl.load(ws_mass_ptr + (b * _NUM_WS + slot) * num_blocks + nb, mask=nb < num_blocks,
                    other=0.0)
-    hit_block, mass_before, threshold = _locate_block(mass, nb, u)
+    hit_block, mass_before, threshold = locate_block(mass, nb, u)
     offs = tl.maximum(hit_block, 0) * BLOCK + blocks
     w = _sanitize(_load_r(target_row, ws_row, from_ws, offs, vocab), offs < vocab)
-    token = _draw_in_block(w.to(tl.float64), offs, hit_block, mass_before, threshold)
+    token = draw_in_block(w.to(tl.float64), offs, hit_block, mass_before, threshold)
     _store_row(tokens_ptr, path_ptr, num_accepted_ptr, b, num_slots, lanes, tokens, path,
                num_accepted, token)
 
@@ -404,10 +385,8 @@ def _tree_verify_one_hot_walk_kernel(
     b = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, BLOCK_T)
     chunks = tl.arange(0, BLOCK_CHUNKS)
-    num_nodes = tl.minimum(tl.load(num_nodes_ptr + b), num_slots)
-    parents = tl.load(parents_ptr + b * num_slots + lanes, mask=lanes < num_slots, other=-1)
-    seed = tl.load(seeds_ptr + b)
-    position = tl.load(positions_ptr + b)
+    num_nodes, parents, seed, position = _walk_start(num_nodes_ptr, parents_ptr, seeds_ptr,
+                                                     positions_ptr, b, num_slots, lanes)
 
     cur = tl.full([], 0, tl.int32)
     depth = tl.where(num_nodes >= 1, 0, -1)  # a root without nodes is detached (depth -1)
@@ -473,10 +452,10 @@ def _tree_verify_one_hot_walk_kernel(
     # Final draw from the residual: locate u * total among the chunk masses, rescan one chunk.
     target_row = target_probs_ptr + (b * num_slots + cur) * vocab
     u = philox_uniform(seed, position + depth + 1, 0, PURPOSE_DRAW)
-    hit_chunk, mass_before, threshold = _locate_block(mass, chunks, u)
+    hit_chunk, mass_before, threshold = locate_block(mass, chunks, u)
     offs, w = _chunk_without(target_row, tl.maximum(hit_chunk, 0), vocab, excluded, lanes,
                              num_excluded, CHUNK)
-    token = _draw_in_block(w.to(tl.float64), offs, hit_chunk, mass_before, threshold)
+    token = draw_in_block(w.to(tl.float64), offs, hit_chunk, mass_before, threshold)
     _store_row(tokens_ptr, path_ptr, num_accepted_ptr, b, num_slots, lanes, tokens, path,
                num_accepted, token)
 
@@ -646,11 +625,8 @@ def _tree_verify_greedy_walk_kernel(
                              BLOCK_CHUNKS)
         is_match = (lanes > cur) & (lanes < num_nodes) & (parents == cur) & (drafts == argmax)
         child = tl.min(tl.where(is_match, lanes, NO_INDEX), 0)
-    tokens = tl.where(lanes == num_accepted, argmax, tokens)
-    out = b * num_slots + lanes
-    tl.store(tokens_ptr + out, tokens, mask=in_row)
-    tl.store(path_ptr + out, path, mask=in_row)
-    tl.store(num_accepted_ptr + b, num_accepted)
+    _store_row(tokens_ptr, path_ptr, num_accepted_ptr, b, num_slots, lanes, tokens, path,
+               num_accepted, argmax)
 
 
 def tree_verify_greedy_triton(target_logits: torch.Tensor, tree_tokens: torch.Tensor,
