@@ -580,7 +580,8 @@ class _Run:
         self.chain_step, self.tree_forward = caches.chain_step, caches.tree_forward
         self.draft = caches.draft
         self.prefill_forward = caches.prefill_forward
-        self.seeds = gen.seed + torch.arange(self.batch, dtype=torch.int64, device=self.device)
+        self.row_seeds = [gen.seed + b for b in range(self.batch)]   # Philox seed per row
+        self.seeds = torch.tensor(self.row_seeds, dtype=torch.int64, device=self.device)
         self.stats = GenerationStats()
         self.controllers: dict[str, DraftLengthController] = {}   # set up by loop()
         self.clock = PhaseClock(self.device)
@@ -600,10 +601,10 @@ class _Run:
         without ``lookup``)."""
         lookup = lookup or [[] for _ in self.rows]
         width = max(len(tokens) for tokens in lookup)
-        host = torch.tensor([[len(row) - 1, n, self.gen.seed + b, row[-1]] + tokens
+        host = torch.tensor([[len(row) - 1, n, seed, row[-1]] + tokens
                              + [0] * (width - len(tokens))
-                             for b, (row, n, tokens) in enumerate(zip(self.rows, draft_lens,
-                                                                      lookup))],
+                             for row, n, seed, tokens in zip(self.rows, draft_lens,
+                                                             self.row_seeds, lookup)],
                             dtype=torch.int64, pin_memory=self.device.type == "cuda")
         return host.to(self.device, non_blocking=True)
 
@@ -827,8 +828,7 @@ class _Run:
         # rows that use their lookup tokens take them in place of the model's, as point
         # masses (deterministic drafts); they go to the device with the draft's inputs
         forced = [[] if used else proposal for used, proposal in zip(use_model, looked)]
-        seeds = [gen.seed + b for b in range(batch)]
-        tokens, probs = self.draft.draft_chain(self.rows, num_draft, seeds, forced)
+        tokens, probs = self.draft.draft_chain(self.rows, num_draft, self.row_seeds, forced)
         return tokens, probs, lens, use_model
 
     def _chain_step(self, plain: bool = False) -> list[list[int]]:
