@@ -146,19 +146,18 @@ class KVSlotWriter:
     def __init__(self, cache: Tensor, cache_lens: Tensor, num_new: int,
                  block_tables: Tensor | None = None):
         self.cache_lens, self.block_tables = cache_lens, block_tables
+        self.checked = False
         slots = cache_lens.long()[:, None] + torch.arange(num_new, device=cache.device)
         index, valid = slot_index(cache, slots, block_tables)
         index = tuple(i.flatten() for i in index)
         self.valid = valid.flatten()
-        if self.valid.numel() == 0:   # nothing to write (T = 0 or B = 0)
-            self.index, self.checked = index, False
+        if self.valid.numel() == 0:   # nothing to write (T = 0 or B = 0): put returns at once
             return
         # masked_index_put_'s anchor (the first valid entry), found once for every write
         self.first = self.valid.to(torch.int32).argmax(0, keepdim=True)
         self.anchor = tuple(i[self.first] for i in index)
         self.any_valid = self.valid.any()
         self.index = tuple(torch.where(self.valid, i, a) for i, a in zip(index, self.anchor))
-        self.checked = False
 
     def write(self, cache: Tensor, new_entries: Tensor) -> None:
         """``kv_write(cache, new_entries, cache_lens, block_tables)``, in place."""
