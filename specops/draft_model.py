@@ -10,6 +10,13 @@ entries write junk keys/values past a row's length, which nothing attends to and
 write overwrites. This one mechanism covers a chain's bonus token after a full acceptance,
 a tree's accepted path (the tree's own draft entries are not in path order, so they are
 simply dropped) and steps where the hybrid drafter skipped the model.
+
+With device graphs a drafting phase is one host-to-device copy and a few graph replays: the
+catch-up feed is padded to one of :data:`FEED_WIDTHS` (the pads, like a shorter row's, write
+junk past the row's length) and replayed from a graph per width, together with what follows
+it: a chain's first pick, or a whole tree's growth (every round of :meth:`grow_tree`, every
+level of :meth:`static_tree`). Longer catch-ups (after a run of plain or prompt-lookup steps)
+run eagerly: rare, and a graph per length would never be replayed.
 """
 
 from collections.abc import Callable
@@ -39,6 +46,11 @@ def fit_vocab(logits: Tensor, vocab_size: int) -> Tensor:
     return torch.cat([logits, pad], -1)
 
 
+# The widths a graphed catch-up feed is padded to, one graph each. Steady drafting feeds at
+# most 2 tokens a row (a chain's last draft and bonus token) or depth + 1 (a tree's accepted
+# path and bonus token).
+FEED_WIDTHS = (1, 2, 4, 8, 16, 32)
+
 # A draft step's record (:meth:`DraftRunner.draft_chain`) holds the token as a float32,
 # exact for ids below 2**24: one tensor, so that one graph's output carries token and probs.
 MAX_RECORD_VOCAB = 2 ** 24
@@ -46,6 +58,10 @@ MAX_RECORD_VOCAB = 2 ** 24
 # The pick: (logits (B, V), Philox positions (B,) int64, seeds (B,) int64) -> (tokens (B,)
 # int64, probs (B, V) float32 or None).
 Pick = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor | None]]
+
+# A static tree's children: (logits (B, F, V), level, lens (B,) int32, seeds (B,) int64) ->
+# (tokens (B, F, k) int64, probs (B, F, V) float32 or None); see DraftRunner.
+Children = Callable[[Tensor, int, Tensor, Tensor], tuple[Tensor, Tensor | None]]
 
 
 class DraftRunner:
@@ -61,27 +77,39 @@ class DraftRunner:
             None) or a draw from the warped distribution (``probs`` Shape ``(B, V)``,
             float32) with Philox keyed by ``seeds`` and the drawn token's absolute
             ``positions`` (both Shape ``(B,)``, int64). Sync-free: with ``graphs`` it runs
-            inside the graphed one-token step, its Python values (temperature, ...) frozen.
-        graphs: replay the one-token step (forward and pick) and the chain's first pick
-            from device graphs, CUDA or HPU, on the model's device (:mod:`specops.graphs`).
+            inside the graphed steps, its Python values (temperature, ...) frozen.
+        graphs: replay the one-token step (forward and pick), the catch-up feed with what
+            follows it (a chain's first pick, a tree's growth) from device graphs, CUDA or
+            HPU, on the model's device (:mod:`specops.graphs`).
         compiled: ``(model.compiled(), model.compiled(any_length=True))`` or None: the
             one-token step runs through the first (``torch.compile``; with ``graphs``, the
             graph captures it), the prefill and catch-up feeds through the second. The
             caller makes them, so that their compiled code outlives this runner (the loop
             keeps them on its generator across calls).
+        children: for :meth:`static_tree`, ``children(logits, level, lens, seeds) ->
+            (tokens, probs)``: the children of every node of one level, from the draft's
+            fitted logits after each, Shape ``(B, F, V)``; ``lens`` Shape ``(B,)``, int32,
+            each row's cached length with its root (the root's position + 1); ``seeds``
+            Shape ``(B,)``, int64. Returns tokens ``(B, F, k)`` int64 and, for sampled
+            children, the distributions they were drawn from ``(B, F, V)`` float32 (None
+            for top-k). Sync-free, like ``pick``.
     """
 
     def __init__(self, model: CausalLM, batch_size: int, capacity: int, vocab_size: int,
                  pick: Pick, graphs: bool = False,
-                 compiled: tuple[Callable, Callable] | None = None):
+                 compiled: tuple[Callable, Callable] | None = None,
+                 children: Children | None = None):
         if vocab_size > MAX_RECORD_VOCAB:
             raise ValueError(f"DraftRunner: vocab_size {vocab_size} above {MAX_RECORD_VOCAB} "
                              "(a draft step carries its token as a float32)")
         self.model = model
         self.cache = model.new_cache(batch_size, capacity)
+        self.capacity = capacity
         self.vocab_size = vocab_size
         self.cached = [0] * batch_size
         self.device = model.device
+        self.graphs = graphs
+        self.children = children
         # A committed token the draft's table lacks (possible only when the target's table
         # is larger) is fed as the draft's last id: its guesses after it are worse, but
         # verification keeps the output exact.
@@ -99,11 +127,25 @@ class DraftRunner:
             logits = step(token.long()[:, None], cache, positions[:, 0].int(), positions)
             return first_pick(fit_vocab(logits[:, 0], vocab_size), keys)
 
-        # the autoregressive one-token step (forward and pick), the same shapes every time,
-        # and the pick after the catch-up: graphed on CUDA/HPU
+        def chain_start(head: Tensor, feed: Tensor) -> tuple[Tensor, Tensor]:
+            # the catch-up feed, then the first draft's pick; head: (B, 4 + num_draft), the
+            # rows of draft_chain's host inputs before the feed
+            num_draft = head.shape[1] - 4
+            seeds, root_lens, fed_lens = head[:, 0], head[:, 1], head[:, 2]
+            logits = self._feed_on_device(feed)
+            # slot j's keys: the position its predecessor is fed at (the cache's length after
+            # the catch-up, plus j - 1), its own position (Philox) and the row's seed
+            slots = torch.arange(num_draft, device=head.device)
+            keys = torch.stack([fed_lens[:, None] + slots - 1, root_lens[:, None] + slots,
+                                seeds[:, None].expand(-1, num_draft)], -1)
+            return first_pick(logits, keys[:, 0]), keys
+
+        # the autoregressive one-token step (forward and pick), the same shapes every time:
+        # graphed on CUDA/HPU, as are the catch-up-led steps (per width, see _run)
         self._one_token = GraphedStep(one_token, device=self.device) if graphs else one_token
-        self._first_pick = (GraphedStep(first_pick, device=self.device) if graphs
-                            else first_pick)
+        self._chain_start = chain_start
+        self._graphed: dict[tuple, GraphedStep] = {}   # _run's graphs, per kind of step
+        self._plans: dict[tuple[int, ...], _StaticPlan] = {}
 
     def reset(self) -> None:
         """Forgets every row (a new call reusing this runner and its graphs): the cache's
@@ -119,10 +161,35 @@ class DraftRunner:
         pinned = torch.tensor(host, dtype=torch.int64, pin_memory=self.device.type == "cuda")
         return pinned.to(self.device, non_blocking=True)
 
-    def _feed_columns(self, new: list[list[int]]) -> list[list[int]]:
+    def _feed_width(self, new: list[list[int]]) -> int:
+        """The width of a catch-up feed of ``new``: with graphs, the least of
+        :data:`FEED_WIDTHS` that holds every row's new tokens and leaves every row's writes
+        inside the cache, else the longest row's count (eager)."""
+        need = max(len(n) for n in new)
+        if self.graphs:
+            room = self.capacity - max(self.cached)
+            for width in FEED_WIDTHS:
+                if need <= width <= room:
+                    return width
+        return need
+
+    def _run(self, kind: tuple, fn: Callable, width: int, *inputs: Tensor):
+        """``fn(*inputs)`` for a step led by a catch-up feed of ``width``: with graphs and a
+        width of :data:`FEED_WIDTHS`, replayed from a graph kept per ``kind`` (which names
+        everything ``fn`` holds fixed) and input shapes; otherwise eagerly."""
+        if not (self.graphs and width in FEED_WIDTHS):
+            return fn(*inputs)
+        graphed = self._graphed.get(kind)
+        if graphed is None:
+            graphed = self._graphed[kind] = GraphedStep(fn, device=self.device)
+        return graphed(*inputs)
+
+    def _feed_columns(self, new: list[list[int]], width: int | None = None
+                      ) -> list[list[int]]:
         """Per row the feed's host inputs (:meth:`_feed_on_device`): its cached length, the
-        index of its last new token, then the new tokens, padded with 0 to the longest."""
-        width = max(len(n) for n in new)
+        index of its last new token, then the new tokens, padded with 0 to ``width``
+        (default: the longest)."""
+        width = width or max(len(n) for n in new)
         return [[c, max(len(n), 1) - 1] + [min(t, self.max_token) for t in n]
                 + [0] * (width - len(n)) for c, n in zip(self.cached, new)]
 
@@ -137,6 +204,12 @@ class DraftRunner:
                                   logits_index=last, prefill=prefill)
         return fit_vocab(logits[:, 0], self.vocab_size)
 
+    @staticmethod
+    def _fed_lens(feed: Tensor) -> Tensor:
+        """Each row's cached length after the feed ``feed`` (its cached length plus its new
+        tokens, of which there is at least one): Shape ``(B,)``, int32."""
+        return (feed[:, 0] + feed[:, 1] + 1).int()
+
     def prefill(self, rows: list[list[int]]) -> None:
         """Caches every row but its root (the last token), like the target."""
         width = max(len(r) for r in rows) - 1
@@ -150,11 +223,6 @@ class DraftRunner:
         self.cached = [c + len(n) for c, n in zip(self.cached, new)]
         return logits
 
-    def catch_up(self, rows: list[list[int]]) -> Tensor:
-        """Feeds every row's uncached tokens (at least its root); returns the draft's logits
-        for the token after the root, shape ``(B, V)``."""
-        return self._feed([r[c:] for r, c in zip(rows, self.cached)])
-
     def draft_chain(self, rows: list[list[int]], num_draft: int, seeds: list[int],
                     forced: list[list[int]] | None = None) -> tuple[Tensor, Tensor | None]:
         """Drafts ``num_draft`` (>= 1) tokens per row autoregressively, each picked by the
@@ -162,9 +230,9 @@ class DraftRunner:
         (``len(rows[b]) + j`` for draft slot ``j``).
 
         With graphs the host work is one copy to the device at the start (the catch-up's
-        tokens and lengths, the seeds, ``forced``) and no read: the catch-up feed runs
-        eagerly, then its pick and each further token's forward and pick replay a graph
-        (the token and its positions stay on the device).
+        tokens and lengths, the seeds, ``forced``) and no read: the catch-up feed and its
+        pick replay one graph (per feed width), each further token's forward and pick
+        another (the token and its positions stay on the device).
 
         ``forced[b]`` (at most ``num_draft`` tokens) replaces row ``b``'s first drafts, as
         point masses in ``draft_probs``: a :class:`Hybrid`'s lookup tokens (the model still
@@ -177,20 +245,15 @@ class DraftRunner:
         batch = len(rows)
         forced = forced or [[] for _ in rows]
         new = [r[c:] for r, c in zip(rows, self.cached)]
+        width = self._feed_width(new)
         host = [[seed, len(row), c + len(n), len(f)] + f + [0] * (num_draft - len(f)) + feed
                 for seed, row, c, n, f, feed in zip(seeds, rows, self.cached, new, forced,
-                                                    self._feed_columns(new))]
+                                                    self._feed_columns(new, width))]
         inputs = self._to_device(host)                    # the draft phase's one copy
-        seeds_t, root_lens, fed_lens, num_forced = inputs[:, :4].t()
-        forced_t, feed = inputs[:, 4:4 + num_draft], inputs[:, 4 + num_draft:]
-        logits = self._feed_on_device(feed)
+        head = inputs[:, :4 + num_draft]
+        first, keys = self._run(("chain",), self._chain_start, width, head,
+                                inputs[:, 4 + num_draft:])
         self.cached = [c + len(n) + num_draft - 1 for c, n in zip(self.cached, new)]
-        # slot j's keys: the position its predecessor is fed at (the cache's length after
-        # the catch-up, plus j - 1), its own position (Philox) and the row's seed
-        slots = torch.arange(num_draft, device=self.device)
-        keys = torch.stack([fed_lens[:, None] + slots - 1, root_lens[:, None] + slots,
-                            seeds_t[:, None].expand(-1, num_draft)], -1)
-        first = self._first_pick(logits, keys[:, 0])
         # each replay overwrites the graph's output: every slot's record is copied out
         records = first.new_empty(batch, num_draft, first.shape[1])
         records[:, 0] = first
@@ -199,7 +262,8 @@ class DraftRunner:
         tokens = records[..., -1].long()
         probs = records[..., :-1].contiguous() if records.shape[-1] > 1 else None
         if any(forced):
-            take = slots < num_forced[:, None]                         # (B, num_draft)
+            num_forced, forced_t = head[:, 3], head[:, 4:]
+            take = torch.arange(num_draft, device=self.device) < num_forced[:, None]
             tokens = torch.where(take, forced_t, tokens)
             if probs is not None:
                 point = torch.zeros_like(probs).scatter_(-1, forced_t[..., None], 1.0)
@@ -219,6 +283,21 @@ class DraftRunner:
         """Keeps the cache up to each row's root (after a tree step or an overridden draft)."""
         self.cached = [min(c, n) for c, n in zip(self.cached, root_lens)]
 
+    def _tree_inputs(self, rows: list[list[int]], seeds: list[int] | None
+                     ) -> tuple[Tensor, int]:
+        """A tree growth's host inputs in one copy: per row its root, its seed (when
+        ``seeds``), then its catch-up feed (:meth:`_feed_columns`), and the feed's width.
+        Afterwards ``cached`` holds every row through its root (the tree's own entries are
+        dropped)."""
+        new = [r[c:] for r, c in zip(rows, self.cached)]
+        width = self._feed_width(new)
+        seed_columns = [[seed] for seed in seeds] if seeds is not None else [[] for _ in rows]
+        host = [[row[-1]] + seed + feed for row, seed, feed
+                in zip(rows, seed_columns, self._feed_columns(new, width))]
+        inputs = self._to_device(host)
+        self.cached = [len(r) for r in rows]
+        return inputs, width
+
     def grow_tree(self, rows: list[list[int]], depth: int, top_k: int, num_nodes: int
                   ) -> tuple[Tensor, Tensor, Tensor]:
         """An EAGLE-2 dynamic tree from the draft's top-k (:func:`specops.grow_tree`).
@@ -226,84 +305,107 @@ class DraftRunner:
         Each round re-feeds every tree token grown so far with the tree mask (the cache can
         only hold a prefix that all nodes see, so non-ancestors from earlier rounds must be
         new tokens, masked): ``depth * top_k`` tokens in the last round, cheap for a
-        memory-bound draft. Returns ``tree_tokens (B, num_nodes)`` int64,
-        ``parents (B, num_nodes)`` int32 and ``scores (B, num_nodes)`` float32 (each node's
-        cumulative draft log-prob, root 0); the cache keeps the prefix up to the root.
+        memory-bound draft. With graphs the catch-up and every round replay one graph.
+        Returns ``tree_tokens (B, num_nodes)`` int64, ``parents (B, num_nodes)`` int32 and
+        ``scores (B, num_nodes)`` float32 (each node's cumulative draft log-prob, root 0);
+        the cache keeps the prefix up to the root.
         """
-        root_lens = [len(r) for r in rows]
-        root_logits = self.catch_up(rows)
-        lens = self._lens(self.cached)                     # root included
-        seq_tokens: list[Tensor] = []
-        seq_parents: list[Tensor] = []
+        inputs, width = self._tree_inputs(rows, None)
 
-        def draft_step(tokens: Tensor, parent_index: Tensor, level: int) -> Tensor:
-            if level == 0:
-                return root_logits.float().log_softmax(-1)[:, None]
-            seq_tokens.append(tokens)
-            seq_parents.append(parent_index)
-            all_tokens = torch.cat(seq_tokens, 1)
-            batch, width = all_tokens.shape
-            root = torch.full((batch, 1), -1, dtype=torch.int32, device=tokens.device)
-            parents = torch.cat([root] + [p.int() for p in seq_parents], 1)
-            mask, node_depth = tree_metadata(parents)
-            positions = lens.long()[:, None] - 1 + node_depth[:, 1:].long()
-            frontier = torch.arange(width - tokens.shape[1], width, device=tokens.device)
-            logits = self.model(all_tokens, self.cache, lens, positions, mask[:, 1:, 1:],
-                                logits_index=frontier.expand(batch, -1))
-            return fit_vocab(logits, self.vocab_size).float().log_softmax(-1)
+        def grow(inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            roots, feed = inputs[:, 0], inputs[:, 1:]
+            root_logits = self._feed_on_device(feed)
+            lens = self._fed_lens(feed)                    # root included
+            seq_tokens: list[Tensor] = []
+            seq_parents: list[Tensor] = []
 
-        root_tokens = torch.tensor([r[-1] for r in rows], dtype=torch.int64, device=self.device)
-        tree_tokens, parents, _, scores = grow_tree(draft_step, root_tokens, depth, top_k,
-                                                    num_nodes)
-        self.rewind(root_lens)
-        return tree_tokens, parents, scores
+            def draft_step(tokens: Tensor, parent_index: Tensor, level: int) -> Tensor:
+                if level == 0:
+                    return root_logits.float().log_softmax(-1)[:, None]
+                seq_tokens.append(tokens)
+                seq_parents.append(parent_index)
+                all_tokens = torch.cat(seq_tokens, 1)
+                batch, grown = all_tokens.shape
+                root = torch.full((batch, 1), -1, dtype=torch.int32, device=tokens.device)
+                parents = torch.cat([root] + [p.int() for p in seq_parents], 1)
+                mask, node_depth = tree_metadata(parents)
+                positions = lens.long()[:, None] - 1 + node_depth[:, 1:].long()
+                frontier = torch.arange(grown - tokens.shape[1], grown, device=tokens.device)
+                logits = self.model(all_tokens, self.cache, lens, positions, mask[:, 1:, 1:],
+                                    logits_index=frontier.expand(batch, -1))
+                return fit_vocab(logits, self.vocab_size).float().log_softmax(-1)
+
+            tree_tokens, parents, _, scores = grow_tree(draft_step, roots, depth, top_k,
+                                                        num_nodes)
+            return tree_tokens, parents, scores
+        return self._run(("grow", depth, top_k, num_nodes), grow, width, inputs)
 
     def static_tree(self, rows: list[list[int]], branching: tuple[int, ...],
-                    children: Callable[[Tensor, int], tuple[Tensor, Tensor | None]]
-                    ) -> tuple[Tensor, Tensor, Tensor | None]:
+                    seeds: list[int]) -> tuple[Tensor, Tensor, Tensor | None]:
         """A full tree with ``branching[d]`` children per node at depth ``d``, nodes in
-        breadth-first order (siblings adjacent, in the order ``children`` returns them).
-
-        ``children(logits, level)`` gets the draft's logits after each node of one level,
-        shape ``(B, F, V)``, and returns their children ``(B, F, k)`` int64 and, for sampled
-        children, the distributions they were drawn from ``(B, F, V)`` (None for top-k).
-        As in :meth:`grow_tree`, each level re-feeds the tree grown so far with its mask.
+        breadth-first order (siblings adjacent, in the order the runner's ``children``
+        returns them). As in :meth:`grow_tree`, each level re-feeds the tree grown so far
+        with its mask, and with graphs the catch-up and every level replay one graph.
 
         Returns ``tree_tokens (B, T)`` int64, ``parents (B, T)`` int32 and ``draft_probs
         (B, T, V)`` (row ``i`` = the distribution node ``i`` was drawn from, i.e. its
         parent's; row 0 unused) or None.
         """
-        batch = len(rows)
-        root_lens = [len(r) for r in rows]
-        logits = self.catch_up(rows)[:, None]
-        lens = self._lens(self.cached)                     # root included
+        if self.children is None:
+            raise ValueError("DraftRunner.static_tree: the runner was built without children")
+        plan = self._plans.get(branching)
+        if plan is None:                    # device constants, made before any capture
+            plan = self._plans[branching] = _StaticPlan(branching, self.device)
+        children = self.children
+        inputs, width = self._tree_inputs(rows, seeds)
+
+        def grow(inputs: Tensor) -> tuple[Tensor, ...]:
+            roots, row_seeds, feed = inputs[:, 0], inputs[:, 1], inputs[:, 2:]
+            batch = inputs.shape[0]
+            logits = self._feed_on_device(feed)[:, None]
+            lens = self._fed_lens(feed)                    # root included
+            levels: list[Tensor] = []
+            probs: list[Tensor] = []
+            for level, fanout in enumerate(branching):
+                tokens, level_probs = children(logits, level, lens, row_seeds)
+                levels.append(tokens.reshape(batch, -1))
+                if level_probs is not None:
+                    probs.append(level_probs.repeat_interleave(fanout, dim=1))
+                if level + 1 == len(branching):
+                    break
+                parents, frontier = plan.levels[level]
+                mask, depth = tree_metadata(parents.expand(batch, -1))
+                positions = lens.long()[:, None] - 1 + depth[:, 1:].long()
+                logits = fit_vocab(self.model(torch.cat(levels, 1), self.cache, lens,
+                                              positions, mask[:, 1:, 1:],
+                                              logits_index=frontier.expand(batch, -1)),
+                                   self.vocab_size)
+            tree_tokens = torch.cat([roots[:, None]] + levels, 1)
+            parents = plan.parents.expand(batch, -1).contiguous()
+            if not probs:
+                return tree_tokens, parents
+            return tree_tokens, parents, torch.cat([torch.zeros_like(probs[0][:, :1])] + probs,
+                                                   1)
+        out = self._run(("static", branching), grow, width, inputs)
+        return out if len(out) == 3 else (*out, None)
+
+
+class _StaticPlan:
+    """A static tree's shape as device constants, made once (a graph capture cannot copy host
+    data to the device): ``parents`` Shape ``(1, T)`` int32 (breadth-first, siblings
+    adjacent), and per level but the last the parents of the tree grown through it, Shape
+    ``(1, 1 + n)``, and the indices among its non-root nodes of that level's nodes (whose
+    logits give the next level's children), int64."""
+
+    def __init__(self, branching: tuple[int, ...], device: torch.device):
         node_parents, level_nodes = [-1], [0]
-        levels: list[Tensor] = []
-        probs: list[Tensor] = []
+        self.levels: list[tuple[Tensor, Tensor]] = []
         for level, width in enumerate(branching):
-            tokens, level_probs = children(logits, level)
-            levels.append(tokens.reshape(batch, -1))
-            if level_probs is not None:
-                probs.append(level_probs.repeat_interleave(width, dim=1))
             first = len(node_parents)
             node_parents += [parent for parent in level_nodes for _ in range(width)]
             level_nodes = list(range(first, len(node_parents)))
-            if level + 1 == len(branching):
-                break
-            parents = torch.tensor(node_parents, dtype=torch.int32,
-                                   device=self.device).expand(batch, -1)
-            mask, depth = tree_metadata(parents)
-            positions = lens.long()[:, None] - 1 + depth[:, 1:].long()
-            frontier = torch.tensor(level_nodes, device=self.device) - 1
-            logits = fit_vocab(self.model(torch.cat(levels, 1), self.cache, lens, positions,
-                                          mask[:, 1:, 1:],
-                                          logits_index=frontier.expand(batch, -1)),
-                               self.vocab_size)
-        self.rewind(root_lens)
-        roots = torch.tensor([r[-1] for r in rows], dtype=torch.int64, device=self.device)
-        tree_tokens = torch.cat([roots[:, None]] + levels, 1)
-        parents = torch.tensor(node_parents, dtype=torch.int32, device=self.device)
-        draft_probs = None
-        if probs:
-            draft_probs = torch.cat([torch.zeros_like(probs[0][:, :1])] + probs, 1)
-        return tree_tokens, parents.expand(batch, -1).contiguous(), draft_probs
+            if level + 1 < len(branching):
+                self.levels.append((
+                    torch.tensor([node_parents], dtype=torch.int32, device=device),
+                    torch.tensor(level_nodes, dtype=torch.int64, device=device) - 1))
+        self.parents = torch.tensor([node_parents], dtype=torch.int32, device=device)

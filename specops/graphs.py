@@ -122,8 +122,9 @@ class GraphedStep:
     """``step(*tensors)`` through a device graph captured per shape and dtype of ``tensors``.
 
     Args:
-        fn: ``fn(*tensors) -> Tensor``; every input that changes between calls must be one
-            of ``tensors`` (they are copied into the graph's static inputs before a replay).
+        fn: ``fn(*tensors) -> Tensor`` or a tuple of tensors; every input that changes
+            between calls must be one of ``tensors`` (they are copied into the graph's static
+            inputs before a replay).
         warmup: eager calls before capture (Triton compiles, the caching allocator settles).
             They run ``fn`` on the real inputs, so ``fn``'s writes (KV cache slots) are the
             ones the replay then repeats.
@@ -141,10 +142,10 @@ class GraphedStep:
         self.fn = fn
         self.warmup = warmup
         self.backend = _BACKENDS[backend]()
-        # per (shape, dtype) key: the graph, its static inputs and its output
-        self.graphs: dict[tuple, tuple[object, list[Tensor], Tensor]] = {}
+        # per (shape, dtype) key: the graph, its static inputs and its output(s)
+        self.graphs: dict[tuple, tuple[object, list[Tensor], Tensor | tuple[Tensor, ...]]] = {}
 
-    def __call__(self, *tensors: Tensor) -> Tensor:
+    def __call__(self, *tensors: Tensor) -> Tensor | tuple[Tensor, ...]:
         key = tuple((tuple(t.shape), t.dtype) for t in tensors)
         entry = self.graphs.get(key)
         if entry is None:

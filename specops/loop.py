@@ -26,7 +26,7 @@ from torch import Tensor
 from . import ops
 from .controller import (PROBE_EVERY, CostModel, DraftLengthController, Prober,
                          TreeSizeController)
-from .draft_model import DraftRunner, fit_vocab
+from .draft_model import Children, DraftRunner, fit_vocab
 from .graphs import GraphedStep, graph_backend
 from .kv_ops import kv_commit
 from .models import CausalLM, causal_lm
@@ -519,21 +519,87 @@ def _pick_draft(sampling: tuple[float, int, float]
     return pick
 
 
+def _tree_verify_step(forward: Callable[..., Tensor], cache: object,
+                      sampling: tuple[float, int, float]) -> Callable[..., Tensor]:
+    """The device work of a tree step, sync-free so that one device graph holds all of it:
+    the tree's mask and depths (:func:`specops.tree_metadata`), the target's forward over
+    the tree, the verify op (greedy: :func:`specops.tree_verify_greedy`; sampling:
+    :func:`specops.sampling_probs` with ``sampling = (temperature, top_k, top_p)``, then
+    :func:`specops.tree_verify`) and the commit of the accepted path's keys and values
+    (:func:`specops.kv_commit`).
+
+    ``step(inputs, tree_tokens, parents, draft_probs=None) -> Tensor``:
+
+    - ``inputs``: Shape ``(batch_size, 2)``, int64: per row the target's cached length (the
+      root's position) and the seed.
+    - ``tree_tokens``, ``parents``, ``draft_probs``: as :func:`specops.tree_verify` takes
+      them (``draft_probs`` absent for deterministic children).
+
+    Returns Shape ``(batch_size, T + 2)``, int64: the verify op's ``out`` (the accepted
+    path's tokens, the drawn or argmax token, then ``-1``), ``num_accepted`` and the tree's
+    depth, one tensor so that the host reads the step back once.
+    """
+    temperature, top_k, top_p = sampling
+
+    def step(inputs: Tensor, tree_tokens: Tensor, parents: Tensor,
+             draft_probs: Tensor | None = None) -> Tensor:
+        lens, seeds = inputs.t().contiguous()
+        mask, depth = tree_metadata(parents)
+        positions = lens[:, None] + depth.long()
+        logits = forward(tree_tokens, cache, lens.int(), positions, mask)
+        if temperature == 0:
+            out, path, num_accepted = tree_verify_greedy(logits, tree_tokens, parents)
+        else:
+            probs = ops.sampling_probs(logits, temperature, top_k, top_p)
+            out, path, num_accepted = tree_verify(probs, tree_tokens, parents,
+                                                  draft_probs=draft_probs, seeds=seeds,
+                                                  positions=lens)
+        kv_commit(cache.tensors(), lens.int(), path, num_accepted)
+        return torch.cat([out, num_accepted[:, None].long(),
+                          depth.max(1).values[:, None].long()], 1)
+    return step
+
+
+def _static_children(sampling: tuple[float, int, float], tree: StaticTree) -> Children:
+    """A :class:`StaticTree`'s children for :meth:`DraftRunner.static_tree`, sync-free so
+    that a graphed growth holds it: ``children(logits, level, lens, seeds)`` with the draft's
+    logits after every node of one level ``(B, F, V)``, returns their ``branching[level]``
+    children ``(B, F, k)``: the top-k when greedy or ``sampled=False``, else independent
+    Philox draws (purpose ``PURPOSE_DRAFT``, keyed by the row's seed, the children's
+    absolute position ``lens + level`` (``lens``: the cached length with the root) and the
+    child's rank) from the warped draft distribution, which comes back too ``(B, F, V)``."""
+    temperature, top_k, top_p = sampling
+
+    def children(logits: Tensor, level: int, lens: Tensor, seeds: Tensor
+                 ) -> tuple[Tensor, Tensor | None]:
+        width = tree.branching[level]
+        if temperature == 0 or tree.sampled is False:
+            return logits.topk(width, dim=-1).indices, None
+        probs = ops.sampling_probs(logits, temperature, top_k, top_p)       # (B, F, V)
+        batch, frontier, vocab = probs.shape
+        flat = sanitize(probs).reshape(-1, vocab)
+        positions = (lens.long() + level)[:, None].expand(-1, frontier)
+        draws = [draw(flat, uniform(seeds[:, None], positions, rank, PURPOSE_DRAFT)
+                      .reshape(-1)).reshape(batch, frontier) for rank in range(width)]
+        return torch.stack(draws, -1), probs
+    return children
+
+
 @dataclass
 class _GraphedCaches:
     """A call's KV caches and the steps that run on them: the target's chain step (forward
-    and verify, :func:`_chain_verify_step`), its forward for tree steps (with a tree) and the
-    draft model's runner, graphed when ``graphs`` (see ``cuda_graphs`` of
-    :class:`SpeculativeGenerator`, which keeps these across calls then, for the same
-    ``sampling``). Hugging Face's eager forward (the fallback for other architectures) is
-    never graphed."""
+    and verify, :func:`_chain_verify_step`), its tree step (with a tree: forward, verify and
+    commit, :func:`_tree_verify_step`) and the draft model's runner, graphed when ``graphs``
+    (see ``cuda_graphs`` of :class:`SpeculativeGenerator`, which keeps these across calls
+    then, for the same ``sampling``). Hugging Face's eager forward (the fallback for other
+    architectures) is never graphed."""
 
     batch: int
     capacity: int
     cache: object
-    sampling: tuple[float, int, float]        # (temperature, top_k, top_p) of chain_step
+    sampling: tuple[float, int, float]        # (temperature, top_k, top_p) of the steps
     chain_step: Callable[..., Tensor]
-    tree_forward: Callable[..., Tensor] | None
+    tree_step: Callable[..., Tensor] | None
     draft: DraftRunner | None
     prefill_forward: Callable[..., Tensor]    # the target, compiled for any length or not
 
@@ -543,20 +609,21 @@ class _GraphedCaches:
         target = gen.target
         cache = target.new_cache(batch, capacity)
         sampling = gen._sampling()
+        children = (_static_children(sampling, gen.tree)
+                    if isinstance(gen.tree, StaticTree) else None)
         draft = (DraftRunner(gen.draft, batch, capacity, target.vocab_size,
                              _pick_draft(sampling), graphs=graphs and gen.draft.graph_safe,
-                             compiled=gen._compiled_forwards(gen.draft))
+                             compiled=gen._compiled_forwards(gen.draft), children=children)
                  if gen.draft is not None else None)
         forward, prefill = gen._compiled_forwards(target) or (target, target)
         chain_step = _chain_verify_step(forward, cache, sampling)
-        def forward_on_cache(tokens, lens, positions, mask):
-            return forward(tokens, cache, lens, positions, mask)
-        tree_forward = forward_on_cache if gen.tree is not None else None
+        tree_step = (_tree_verify_step(forward, cache, sampling)
+                     if gen.tree is not None else None)
         if graphs and target.graph_safe:
             chain_step = GraphedStep(chain_step, device=target.device)
-            if tree_forward is not None:
-                tree_forward = GraphedStep(tree_forward, device=target.device)
-        return cls(batch, capacity, cache, sampling, chain_step, tree_forward, draft, prefill)
+            if tree_step is not None:
+                tree_step = GraphedStep(tree_step, device=target.device)
+        return cls(batch, capacity, cache, sampling, chain_step, tree_step, draft, prefill)
 
 
 class _Run:
@@ -577,15 +644,13 @@ class _Run:
                   gen.cuda_graphs and graph_backend(self.device) is not None)
         caches = gen._caches(self.batch, capacity, graphs)
         self.capacity, self.cache = caches.capacity, caches.cache
-        self.chain_step, self.tree_forward = caches.chain_step, caches.tree_forward
+        self.chain_step, self.tree_verify_step = caches.chain_step, caches.tree_step
         self.draft = caches.draft
         self.prefill_forward = caches.prefill_forward
         self.row_seeds = [gen.seed + b for b in range(self.batch)]   # Philox seed per row
-        self.seeds = torch.tensor(self.row_seeds, dtype=torch.int64, device=self.device)
         self.stats = GenerationStats()
         self.controllers: dict[str, DraftLengthController] = {}   # set up by loop()
         self.clock = PhaseClock(self.device)
-        self.greedy = gen.temperature == 0
 
     # ------------------------------------------------------------------------- helpers
     def _lens(self, values: list[int]) -> Tensor:
@@ -601,16 +666,16 @@ class _Run:
         without ``lookup``)."""
         lookup = lookup or [[] for _ in self.rows]
         width = max(len(tokens) for tokens in lookup)
-        host = torch.tensor([[len(row) - 1, n, seed, row[-1]] + tokens
-                             + [0] * (width - len(tokens))
-                             for row, n, seed, tokens in zip(self.rows, draft_lens,
-                                                             self.row_seeds, lookup)],
-                            dtype=torch.int64, pin_memory=self.device.type == "cuda")
-        return host.to(self.device, non_blocking=True)
+        return self._to_device([[len(row) - 1, n, seed, row[-1]] + tokens
+                                + [0] * (width - len(tokens))
+                                for row, n, seed, tokens in zip(self.rows, draft_lens,
+                                                                self.row_seeds, lookup)])
 
-    def _warp(self, logits: Tensor) -> Tensor:
-        gen = self.gen
-        return ops.sampling_probs(logits, gen.temperature, gen.top_k, gen.top_p)
+    def _to_device(self, host: list[list[int]]) -> Tensor:
+        """Rows of host integers as one int64 device tensor: one copy, from pinned memory on
+        CUDA (so that it does not wait for the device)."""
+        pinned = torch.tensor(host, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        return pinned.to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------------- loop
     def loop(self) -> None:
@@ -950,21 +1015,11 @@ class _Run:
                 control.update(num_draft, full)
 
     # ------------------------------------------------------------------------- tree step
-    def _tree_children(self, logits: Tensor, level: int) -> tuple[Tensor, Tensor | None]:
-        """Children of every node of one level of a :class:`StaticTree`: ``(B, F, k)``."""
-        width = self.gen.tree.branching[level]
-        if self.greedy or self.gen.tree.sampled is False:
-            return logits.topk(width, dim=-1).indices, None
-        probs = self._warp(logits)                                   # (B, F, V)
-        batch, frontier, vocab = probs.shape
-        flat = sanitize(probs).reshape(-1, vocab)
-        # position of the children: root position + level + 1; rank: the child's index
-        positions = (self._lens(self.root_lens).long() + level)[:, None].expand(-1, frontier)
-        draws = [draw(flat, uniform(self.seeds[:, None], positions, rank, PURPOSE_DRAFT)
-                      .reshape(-1)).reshape(batch, frontier) for rank in range(width)]
-        return torch.stack(draws, -1), probs
-
     def _tree_step(self) -> list[list[int]]:
+        """One tree step. With graphs the drafting phase is one copy to the device and one
+        graph replay (the catch-up and the whole growth), plus, for an adaptive tree, one
+        read of the scores to size it; the verify phase one copy, one replay (mask, forward,
+        verify, commit) and one read."""
         tree, control = self.gen.tree, self.tree_controller
         if control is not None and not control.use_tree():
             return self._chain_step(plain=True)                      # plain decoding pays more now
@@ -974,7 +1029,7 @@ class _Run:
         draft_probs = None
         if isinstance(tree, StaticTree):
             tree_tokens, parents, draft_probs = self.draft.static_tree(
-                self.rows, tree.branching, self._tree_children)
+                self.rows, tree.branching, self.row_seeds)
         else:
             tree_tokens, parents, scores = self.draft.grow_tree(self.rows, tree.depth,
                                                                 tree.top_k, tree.num_nodes)
@@ -983,33 +1038,29 @@ class _Run:
                 self._learn_growth(time.perf_counter() - started)
             active = [b for b in range(self.batch) if not self.done[b]]
             probs = scores[:, 1:].exp().sort(dim=1, descending=True).values[active]
-            size = control.choose_size(probs.cpu().numpy())
+            probs = probs.numpy(force=True)                         # the draft phase's read
+            size = control.choose_size(probs)
             predicted = float(probs[:, :size].sum())
             if size + 1 < tree.num_nodes:
                 tree_tokens, parents, _ = keep_best_nodes(tree_tokens, parents, scores, size + 1)
         self.clock.switch("verify")
         verify_started = time.perf_counter()
-        mask, depth = tree_metadata(parents)
-        target_lens = self._lens([n - 1 for n in self.root_lens])
-        positions = target_lens.long()[:, None] + depth.long()
-        logits = self.tree_forward(tree_tokens, target_lens, positions, mask)
-        if self.greedy:
-            out, path, num_accepted = tree_verify_greedy(logits, tree_tokens, parents)
-        else:
-            out, path, num_accepted = tree_verify(self._warp(logits), tree_tokens, parents,
-                                                  draft_probs=draft_probs, seeds=self.seeds,
-                                                  positions=target_lens.long())
-        kv_commit(self.cache.tensors(), target_lens, path, num_accepted)
-        out_list, accepted = out.tolist(), num_accepted.tolist()
+        inputs = self._to_device([[n - 1, seed] for n, seed in zip(self.root_lens,
+                                                                   self.row_seeds)])
+        step_inputs = (inputs, tree_tokens, parents)
+        if draft_probs is not None:
+            step_inputs += (draft_probs,)
+        result = self.tree_verify_step(*step_inputs).tolist()   # the step's one read back
+        accepted = [r[-2] for r in result]
         if control is not None:
             control.update(predicted, float(sum(accepted[b] for b in active)))
             self._learn_cost(control.cost, tree_tokens.shape[1] - 1, None,
                              time.perf_counter() - verify_started)
         levels = tree.depth
         if control is not None and tree_tokens.shape[1] < tree.num_nodes:
-            levels = int(depth.max())       # a pruned tree may be shallower than tree.depth
+            levels = max(r[-1] for r in result)  # a pruned tree may be shallower than that
         self._record(levels, [levels] * self.batch, accepted, "tree")
-        return [o[:a + 1] for o, a in zip(out_list, accepted)]
+        return [r[:a + 1] for r, a in zip(result, accepted)]
 
     # ------------------------------------------------------------------------- output
     def _emit(self, emitted: list[list[int]]) -> None:

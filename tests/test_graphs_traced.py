@@ -23,6 +23,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import specops
 import specops.graphs
 from specops import _checks
+from specops.draft_model import FEED_WIDTHS, DraftRunner
 from specops.graphs import GraphedStep
 from loop_models import METHODS, assert_same_or_tie, drafters, hf_greedy, padded, prompts, tiny_pair
 
@@ -38,7 +39,13 @@ class TracedReplay:
 
     def replay(self):
         self.backend.replays += 1
-        self.static_output.copy_(self.trace(*self.static_inputs))
+        outputs = self.trace(*self.static_inputs)
+        if isinstance(outputs, torch.Tensor):
+            outputs, static = (outputs,), (self.static_output,)
+        else:                                       # a step of several output tensors
+            static = self.static_output
+        for out, value in zip(static, outputs):
+            out.copy_(value)
 
 
 class TracedGraphs:
@@ -217,14 +224,17 @@ def test_graphs_default_to_cuda_only(pair, cpu_graphs):
 
 
 class HostTraffic:
-    """What one chain step does on the host, per loop phase ("draft", "verify"): tensors made
+    """What one loop step does on the host, per loop phase ("draft", "verify"): tensors made
     from host data (on a GPU each is a host-to-device copy), reads of tensor values on the
-    host (each a device-to-host copy and a sync) and calls of the verify ops (which belong in
-    the graph). Counted only inside ``_Run._chain_step``."""
+    host (each a device-to-host copy and a sync), calls of the verify ops (which belong in
+    the graph) and runs of a model's forward from Python (which a replayed step does not
+    make). Counted only inside the step method ``step`` of ``_Run``."""
 
     READS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__")
     MADE = ("tensor", "as_tensor", "from_numpy")
     VERIFY = ("chain_verify", "chain_verify_greedy", "sampling_probs")
+    # the tree step's device work, as the loop module calls it
+    TREE = ("tree_metadata", "tree_verify", "tree_verify_greedy", "kv_commit")
 
     def __init__(self, monkeypatch):
         self.on, self.phase = False, None
@@ -237,6 +247,11 @@ class HostTraffic:
         for name in self.VERIFY:
             monkeypatch.setattr(specops.ops, name, self.counted("verify op",
                                                                 getattr(specops.ops, name)))
+        for name in self.TREE:
+            monkeypatch.setattr(specops.loop, name, self.counted("verify op",
+                                                                 getattr(specops.loop, name)))
+        lm = specops.models.SpecopsCausalLM
+        monkeypatch.setattr(lm, "_forward", self.counted("forward", lm._forward))
         switch = specops.stats.PhaseClock.switch
 
         def recorded_switch(clock, phase):
@@ -251,6 +266,26 @@ class HostTraffic:
                 self.counts[key] = self.counts.get(key, 0) + 1
             return fn(*args, **kwargs)
         return wrapper
+
+    def steady_steps(self, monkeypatch, cpu_graphs, step: str) -> list[dict]:
+        """Counts every call of ``_Run.<step>``; returns (filled as the loop runs) the counts
+        of the steps that captured no graph: a shape's first step runs eagerly (its
+        warm-up calls), and so does a catch-up longer than the graphed widths."""
+        original = getattr(specops.loop._Run, step)
+        steady = []
+
+        def counted_step(run, *args, **kwargs):
+            captures = sum(g.captures for g in cpu_graphs)
+            self.counts, self.on = {}, True
+            try:
+                emitted = original(run, *args, **kwargs)
+            finally:
+                self.on = False
+            if sum(g.captures for g in cpu_graphs) == captures:
+                steady.append(self.counts)
+            return emitted
+        monkeypatch.setattr(specops.loop._Run, step, counted_step)
+        return steady
 
 
 @pytest.mark.parametrize("options", [
@@ -270,11 +305,12 @@ def test_a_replayed_chain_step_moves_its_inputs_once_and_reads_once(pair, cpu_gr
     and the verify op (with the warp when sampling) runs inside the graph: a replayed step
     calls none of them from Python. Without a draft model the drafting phase touches no
     tensor at all; with one it sends its inputs (the catch-up's tokens and lengths, seeds,
-    a hybrid's lookup tokens) in one copy, reads nothing back, and each draft token's
-    forward and pick (argmax, or the warp and a Philox draw) run inside the graphed step.
+    a hybrid's lookup tokens) in one copy, reads nothing back, and the catch-up feed with
+    the first pick, then each further draft token's forward and pick (argmax, or the warp
+    and a Philox draw), replay graphs: no model forward runs from Python in either phase.
     Steps that captured a graph (a shape's first) are not counted: their warm-up calls run
-    the step eagerly. Value checks are off, as on a GPU at the default level: on the CPU the
-    eager catch-up feed's checks read its lengths on the host."""
+    the step eagerly. Value checks are off, as on a GPU at the default level (on the CPU
+    eager calls' checks read lengths on the host)."""
     target, draft = pair
     monkeypatch.setattr(specops._checks, "values_checked", lambda device: False)
     if options.get("draft") == "model":
@@ -283,20 +319,7 @@ def test_a_replayed_chain_step_moves_its_inputs_once_and_reads_once(pair, cpu_gr
         options = dict(options, draft=specops.Hybrid(draft, specops.PromptLookup(max_ngram=2)))
     with_model = isinstance(options.get("draft"), (torch.nn.Module, specops.Hybrid))
     traffic = HostTraffic(monkeypatch)
-    chain_step = specops.loop._Run._chain_step
-    steady = []
-
-    def counted_step(run, *args, **kwargs):
-        captures = sum(g.captures for g in cpu_graphs)
-        traffic.counts, traffic.on = {}, True
-        try:
-            emitted = chain_step(run, *args, **kwargs)
-        finally:
-            traffic.on = False
-        if sum(g.captures for g in cpu_graphs) == captures:
-            steady.append(traffic.counts)
-        return emitted
-    monkeypatch.setattr(specops.loop._Run, "_chain_step", counted_step)
+    steady = traffic.steady_steps(monkeypatch, cpu_graphs, "_chain_step")
     rows = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 3, 9, 3, 9, 3, 9]]     # lookup finds matches
     ids, mask = padded(rows, "left")
     specops.generate(target, ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=[],
@@ -310,5 +333,63 @@ def test_a_replayed_chain_step_moves_its_inputs_once_and_reads_once(pair, cpu_gr
             assert set(counts) <= {("verify", "made"), ("verify", "read")}, counts
         assert counts.get(("draft", "made"), 0) <= 1, counts
         assert ("draft", "read") not in counts and ("draft", "verify op") not in counts, counts
+        assert ("draft", "forward") not in counts and ("verify", "forward") not in counts, \
+            counts
     if with_model:               # some counted steps ran the draft model
         assert any(("draft", "made") in counts for counts in steady), steady
+
+
+@pytest.mark.parametrize("tree, options", [
+    (specops.DynamicTree(depth=3, top_k=2, num_nodes=6), dict()),
+    (specops.DynamicTree(depth=3, top_k=2, num_nodes=6, adaptive=False),
+     dict(temperature=0.7, seed=3)),
+    (specops.StaticTree((2, 2)), dict()),
+    (specops.StaticTree((2, 2)), dict(temperature=1.0, top_p=0.9, seed=7)),
+    (specops.StaticTree((3, 1), sampled=False), dict(temperature=0.9, seed=4)),
+])
+def test_a_replayed_tree_step_moves_its_inputs_once_and_reads_once(pair, cpu_graphs,
+                                                                   monkeypatch, tree, options):
+    """A graphed tree step's drafting phase sends its inputs (each row's root, seed and
+    catch-up tokens) to the device in one copy and grows the whole tree (the catch-up, then
+    every round or level of the draft model) in one replay; an adaptive tree reads the
+    grown tree's scores once to size it, any other reads nothing. Its verify phase sends the
+    cached lengths and seeds in one copy and reads the result once: the mask, the target's
+    forward, the verify op and the KV commit run inside the graph, none from Python. Steps
+    that captured a graph are not counted (see the chain test)."""
+    target, draft = pair
+    monkeypatch.setattr(specops._checks, "values_checked", lambda device: False)
+    # the tiny random pair rarely agrees, so an adaptive tree would decode plainly
+    monkeypatch.setattr(specops.controller.TreeSizeController, "use_tree", lambda self: True)
+    traffic = HostTraffic(monkeypatch)
+    steady = traffic.steady_steps(monkeypatch, cpu_graphs, "_tree_step")
+    ids, mask = padded(prompts(target.config.vocab_size, [5, 1, 9]), "left")
+    specops.generate(target, ids, attention_mask=mask, draft=draft, tree=tree,
+                     max_new_tokens=NEW, eos_token_id=[], cuda_graphs=True, **options)
+    adaptive = isinstance(tree, specops.DynamicTree) and tree.adaptive
+    assert len(steady) >= 3, steady
+    for counts in steady:
+        assert counts.get(("draft", "made")) == 1, counts
+        assert counts.get(("draft", "read"), 0) == (1 if adaptive else 0), counts
+        assert counts.get(("verify", "made")) == 1, counts
+        assert counts.get(("verify", "read")) == 1, counts
+        assert not {("draft", "forward"), ("verify", "forward"), ("draft", "verify op"),
+                    ("verify", "verify op")} & set(counts), counts
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_catch_up_feed_width(pair, cpu_graphs, graphs):
+    """With graphs a catch-up feed is padded to the least graphed width that holds every
+    row's new tokens and keeps every row's writes inside the cache, and runs eagerly at its
+    own width when none does (longer than the widths, or no room left); without graphs it is
+    never padded."""
+    _, draft = pair
+    runner = DraftRunner(specops.models.causal_lm(draft), 2, 40, draft.config.vocab_size,
+                         specops.loop._pick_draft((0.0, 0, 1.0)), graphs=graphs)
+    assert FEED_WIDTHS == tuple(sorted(FEED_WIDTHS)) and FEED_WIDTHS[0] == 1
+    cases = [([3, 10], [3, 1], 4), ([3, 10], [1, 1], 1), ([3, 10], [5, 2], 8),
+             ([3, 37], [3, 1], 3),          # row 1 has 3 slots left: 3 wide, eagerly
+             ([0, 0], [33, 1], 33)]         # wider than every graphed width
+    for cached, need, padded_width in cases:
+        runner.cached = cached
+        new = [[7] * n for n in need]
+        assert runner._feed_width(new) == (padded_width if graphs else max(need)), cached
