@@ -369,8 +369,11 @@ class DraftRunner:
             for level, fanout in enumerate(branching):
                 tokens, level_probs = children(logits, level, lens, row_seeds)
                 levels.append(tokens.reshape(batch, -1))
-                if level_probs is not None:
-                    probs.append(level_probs.repeat_interleave(fanout, dim=1))
+                if level_probs is not None:   # each child's row: its parent's distribution
+                    # (expand, not repeat_interleave: no host-side size for a graph to sync on)
+                    nodes, vocab = level_probs.shape[1:]
+                    probs.append(level_probs[:, :, None].expand(-1, -1, fanout, -1)
+                                 .reshape(batch, nodes * fanout, vocab))
                 if level + 1 == len(branching):
                     break
                 parents, frontier = plan.levels[level]
