@@ -1056,10 +1056,11 @@ class _Run:
             control.update(predicted, float(sum(accepted[b] for b in active)))
             self._learn_cost(control.cost, tree_tokens.shape[1] - 1, None,
                              time.perf_counter() - verify_started)
-        levels = tree.depth
-        if control is not None and tree_tokens.shape[1] < tree.num_nodes:
-            levels = max(r[-1] for r in result)  # a pruned tree may be shallower than that
-        self._record(levels, [levels] * self.batch, accepted, "tree")
+        # each row's tree depth is the most it could accept: a grown tree keeps its best
+        # nodes, which may not reach tree.depth (a flat draft distribution grows wide), and a
+        # pruned one may be shallower still
+        depths = [r[-1] for r in result]
+        self._record(max(depths), depths, accepted, "tree")
         return [r[:a + 1] for r, a in zip(result, accepted)]
 
     # ------------------------------------------------------------------------- output

@@ -135,6 +135,19 @@ def test_stats_are_consistent(pair):
     assert "tok/s" in stats.summary()
 
 
+def test_tree_stats_count_positions_down_to_each_trees_depth(pair):
+    """A grown tree keeps its best nodes, which may not reach the tree's nominal depth: with
+    one candidate per node and 3 nodes, every tree is a 2-token chain under the root, so no
+    step can accept a third token and none is counted as tried."""
+    target, draft = pair
+    tree = specops.DynamicTree(depth=4, top_k=1, num_nodes=3, adaptive=False)
+    out = specops.generate(target, torch.tensor(prompts(64, [6, 6])), draft=draft, tree=tree,
+                           max_new_tokens=NEW, eos_token_id=[])
+    stats = out.stats
+    assert len(stats.tried) == 2 and stats.tried[0] >= stats.steps, stats.tried
+    assert set(stats.draft_lengths) == {2}, stats.draft_lengths
+
+
 @pytest.mark.parametrize("bad, error, words", [
     (dict(input_ids=torch.zeros(1, 0, dtype=torch.int64)), ValueError, "empty"),
     (dict(attention_mask=torch.tensor([[0, 0, 0]])), ValueError, "row 0"),
