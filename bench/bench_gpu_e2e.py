@@ -79,6 +79,15 @@ Measured, for each batch size in ``--batches``:
   graphs are on, else ``specops-plain``) and over ``hf-static`` of the same run. The last step
   of a row is cut at ``max_new_tokens``, so at short runs the measured tau sits a little below
   the expectation even at alpha = 1.
+- ``loop`` rows ``draft-model`` (g in ``--draft-lengths``) and ``draft-model-tree`` (an
+  EAGLE-2 tree, depth 4, top-4, 16 nodes, fixed size): the real draft model through the loop's
+  draft runner (catch-up feed, chain drafting, tree growth; graphed with graphs on). The draft
+  is built like the target (``--natural-weights`` aside), so its greedy token also repeats its
+  input and it agrees with the target at every position: acceptance 1 by construction, the
+  best case of a draft of this size at its real cost. Columns as the synthetic rows', plus the
+  last timed call's ``draft_seconds``, ``verify_seconds`` and ``overhead_seconds``
+  (``GenerationStats``; with graphs no device sync separates the phases, so the split is
+  approximate). ``--no-draft-model`` skips them.
 
 Every row is generated with ``max_new_tokens`` (``--new-tokens``) and no stop token, from random
 prompts of ``--prompt-len`` tokens (one per row). ``--budget-s`` (default 230) bounds the whole
@@ -152,7 +161,7 @@ COLUMNS = ["date", "commit", "machine", "pair", "tiny", "dtype", "section", "met
            "n", "alpha", "g", "seconds", "p10_seconds", "p90_seconds", "tokens_per_s",
            "ceiling_tokens_per_s", "vs_ceiling", "tau", "tau_expected", "acceptance_per_position",
            "speedup_vs_plain", "speedup_vs_hf_static", "drift_rows", "compile_seconds", "reps",
-           "graphs", "compiled", "status"]
+           "graphs", "compiled", "draft_seconds", "verify_seconds", "overhead_seconds", "status"]
 
 
 # --------------------------------------------------------------------------- models
@@ -464,7 +473,56 @@ def run_batch(args, target, draft_lm, batch: int, budget: Budget, log) -> list[d
                 speedup_vs_plain=tps / same_mode["tokens_per_s"] if same_mode else None,
                 speedup_vs_hf_static=tps / hf_static if hf_static else None, drift_rows=drift,
                 status="ok")))
+
+    # The real draft model through the loop's draft runner (its catch-up, chain drafting and
+    # tree growth, graphed with graphs on). Built like the target, its greedy token repeats
+    # its input as the target's does, so it always agrees: acceptance 1 by construction,
+    # the best case of a draft this size, at its real cost.
+    same_mode = plain_rows.get((args.graphs, False))
+    for method, g, options in agreeing_draft_methods(args):
+        base = dict(section="loop", method=method, batch=batch, g=g, graphs=args.graphs)
+        if budget.left() < args.min_left_s:
+            rows.append(log(dict(base, status="skipped (budget)")))
+            continue
+        gen = specops.SpeculativeGenerator(target, draft_lm.hf_model, eos_token_id=[],
+                                           cuda_graphs=args.graphs, **options)
+        call = functools.partial(gen.generate, prompts, max_new_tokens=args.new_tokens)
+        if args.graphs:
+            call()                        # untimed: captures what the timed calls replay
+        times, result = [], []
+        for _ in range(args.reps):
+            times.append(timed(lambda: result.append(call()), device))
+        out = result[-1]
+        drift = sum(seq[:len(rec)] != rec for seq, rec in
+                    zip(out.sequences.tolist(), [r[:args.prompt_len + args.new_tokens]
+                                                 for r in recorded]))
+        tps = batch * args.new_tokens / statistics.median(times)
+        stats = out.stats
+        rows.append(log(dict(
+            base, **spread(times), tokens_per_s=tps, tau=stats.mean_emitted_per_step,
+            acceptance_per_position=" ".join(
+                f"{a / t:.3f}" if t else "-" for a, t in zip(stats.accepted, stats.tried)),
+            draft_seconds=stats.draft_seconds, verify_seconds=stats.verify_seconds,
+            overhead_seconds=stats.overhead_seconds,
+            speedup_vs_plain=tps / same_mode["tokens_per_s"] if same_mode else None,
+            speedup_vs_hf_static=tps / hf_static if hf_static else None, drift_rows=drift,
+            status="ok")))
     return rows
+
+
+def agreeing_draft_methods(args) -> list[tuple[str, int, dict]]:
+    """``(method, g, generator options)`` of the agreeing-draft rows: a chain of each of
+    ``--draft-lengths`` and an EAGLE-2 tree of ``TREE`` (fixed size, g = its depth); none
+    with ``--no-draft-model``."""
+    if not args.draft_model:
+        return []
+    chains = [("draft-model", g, dict(num_draft_tokens=g)) for g in args.draft_lengths]
+    tree = specops.DynamicTree(**TREE, adaptive=False)
+    return chains + [("draft-model-tree", tree.depth, dict(tree=tree))]
+
+
+# The agreeing draft's tree rows: the CPU end-to-end suite's tree (bench_e2e.py)
+TREE = dict(depth=4, top_k=4, num_nodes=16)
 
 
 # --------------------------------------------------------------------------- main
@@ -506,6 +564,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="skip specops-plain-graphs-unfused (with graphs on, graphed plain "
                         "decoding with the layer in PyTorch ops instead of the fused Triton "
                         "layer kernels: an A/B of those)")
+    p.add_argument("--no-draft-model", dest="draft_model", action="store_false",
+                   help="skip the agreeing draft model's loop rows (draft-model, "
+                        "draft-model-tree)")
     p.add_argument("--natural-weights", action="store_true",
                    help="plain random init (greedy continuation may drift under bf16)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU runs)")
@@ -550,7 +611,9 @@ def main(argv=None) -> Path:
     start = time.perf_counter()
     target = build_model(family, target_shape, dtype, args.device, args.seed,
                          not args.natural_weights, positions)
-    draft = build_model(family, draft_shape, dtype, args.device, args.seed + 1, False, positions)
+    # the draft's greedy token repeats its input, like the target's (the agreeing-draft rows)
+    draft = build_model(family, draft_shape, dtype, args.device, args.seed + 1,
+                        not args.natural_weights, positions)
     build_seconds = time.perf_counter() - start
     if args.graphs and not causal_lm(target).graph_safe:
         # the loop would run this target's forward eagerly under cuda_graphs=True

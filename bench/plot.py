@@ -195,6 +195,8 @@ def plot_code_modes(paths: list[Path], out: Path, written: list[Path]) -> None:
 # --------------------------------------------------------------------------- GPU loop
 def plot_gpu(paths: list[Path], out: Path, written: list[Path]) -> None:
     rows = [dict(r, _file=p.name) for p in paths for r in read_csv(p)]
+    # the synthetic drafter's rows (the agreeing draft model's have no alpha to plot against)
+    rows = [r for r in rows if r["section"] != "loop" or r["method"] == "synthetic"]
     panels = sorted({(r["pair"], r["batch"], r["tiny"], r["machine"]) for r in rows
                      if r["section"] == "loop" and r["status"] == "ok"})
     if not panels:

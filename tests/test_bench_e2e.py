@@ -298,8 +298,21 @@ def test_bench_gpu_e2e_tiny_on_cpu(tmp_path):
         (draft,) = [float(r["seconds"]) for r in mine if r["section"] == "draft_cost"]
         assert {r["method"] for r in mine if r["section"] == "baseline"} == {
             "specops-plain", "hf-eager", "hf-static"}
-        loop = {(float(r["alpha"]), int(r["g"])): r for r in mine if r["section"] == "loop"}
+        loop = {(float(r["alpha"]), int(r["g"])): r for r in mine
+                if r["section"] == "loop" and r["method"] == "synthetic"}
         assert sorted(loop) == [(0.0, 1), (0.0, 3), (1.0, 1), (1.0, 3)]
+        # the agreeing draft model: built like the target, its greedy token repeats its
+        # input as the target's does, so a chain's every draft is accepted
+        model = {(r["method"], int(r["g"])): r for r in mine
+                 if r["section"] == "loop" and r["method"] != "synthetic"}
+        assert sorted(model) == [("draft-model", 1), ("draft-model", 3),
+                                 ("draft-model-tree", 4)]
+        for (method, g), r in model.items():
+            assert r["drift_rows"] == "0" and float(r["draft_seconds"]) > 0
+            if method == "draft-model":
+                assert set(r["acceptance_per_position"].split()) == {"1.000"}, r
+                assert float(r["tau"]) == g + 1        # 16 tokens: steps of exactly g + 1
+            assert float(r["tau"]) > 1
         for (alpha, g), r in loop.items():
             assert r["drift_rows"] == "0"
             # alpha 1: every draft accepted, 16 tokens = steps of exactly g + 1; alpha 0: none
@@ -370,7 +383,11 @@ class EagerReplayGraphs:
 
         class Replay:
             def replay(self):
-                output.copy_(fn(*static_inputs))
+                values = fn(*static_inputs)
+                several = not isinstance(output, torch.Tensor)    # a step of several outputs
+                for out, value in zip(output if several else (output,),
+                                      values if several else (values,)):
+                    out.copy_(value)
         return Replay(), output
 
 
@@ -400,9 +417,13 @@ def test_bench_gpu_e2e_graphs_rows(tmp_path, cpu_graphs):
     for method in ("specops-plain", "specops-plain-graphs", "specops-plain-graphs-unfused"):
         assert float(baselines[method]["speedup_vs_hf_static"]) == pytest.approx(
             float(baselines[method]["tokens_per_s"]) / hf_static, rel=2e-3)
-    (loop,) = [r for r in rows if r["section"] == "loop"]
+    (loop, model, tree) = [r for r in rows if r["section"] == "loop"]
+    assert [r["method"] for r in (loop, model, tree)] == ["synthetic", "draft-model",
+                                                           "draft-model-tree"]
     # every draft accepted: 16 tokens in 4 steps of 4, as without graphs
-    assert loop["graphs"] == "True" and float(loop["tau"]) == 4.0 and loop["drift_rows"] == "0"
+    for r in (loop, model):
+        assert r["graphs"] == "True" and float(r["tau"]) == 4.0 and r["drift_rows"] == "0"
+    assert tree["graphs"] == "True" and float(tree["tau"]) > 1 and tree["drift_rows"] == "0"
     assert float(loop["speedup_vs_plain"]) == pytest.approx(   # against the graphs baseline
         float(loop["tokens_per_s"]) / float(baselines["specops-plain-graphs"]["tokens_per_s"]),
         rel=2e-3)
@@ -442,7 +463,8 @@ def test_bench_gpu_e2e_budget_skips_the_graphs_baseline(tmp_path, cpu_graphs, mo
         ("specops-plain", "False", "ok"), ("specops-plain-graphs", "True", "skipped (budget)"),
         ("specops-plain-graphs-unfused", "True", "skipped (budget)"),
         ("hf-eager", "", "skipped (budget)"), ("hf-static", "", "skipped (budget)"),
-        ("synthetic", "True", "skipped (budget)")]
+        ("synthetic", "True", "skipped (budget)"), ("draft-model", "True", "skipped (budget)"),
+        ("draft-model-tree", "True", "skipped (budget)")]
     assert EagerReplayGraphs.captures == 0      # nothing ran with graphs
 
 
@@ -478,9 +500,12 @@ def test_plot_makes_every_figure(tmp_path, capsys):
     assert plot.headline_summary(summaries) == headline
     assert plot.summary_mode(plot.read_csv(summaries[1])) == "sampling"
     assert plot.summary_mode([dict(batch="4", sampling="False")]) == "batch 4"
-    gpu = [dict(common, pair="llama3-8b", tiny=False, section="loop", batch=1, alpha=a, g=g,
-                tokens_per_s=100 * a * g, ceiling_tokens_per_s=150 * a * g, status="ok")
-           for a in (0.6, 0.8) for g in (1, 2)]
+    gpu = [dict(common, pair="llama3-8b", tiny=False, section="loop", method="synthetic",
+                batch=1, alpha=a, g=g, tokens_per_s=100 * a * g, ceiling_tokens_per_s=150 * a * g,
+                status="ok") for a in (0.6, 0.8) for g in (1, 2)]
+    # an agreeing draft model's row has no alpha: left out of the alpha plot
+    gpu += [dict(common, pair="llama3-8b", tiny=False, section="loop", method="draft-model",
+                 batch=1, g=2, tokens_per_s=300, tau=3.0, status="ok")]
     gpu += [dict(common, pair="llama3-8b", tiny=False, section="baseline", batch=1, method=m,
                  tokens_per_s=t, status="ok") for m, t in (("specops-plain", 60), ("hf-eager", 40))]
     gpu_csv = results / "gpu_e2e" / "gpu_e2e_llama3-8b_x.csv"
