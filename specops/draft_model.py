@@ -128,17 +128,12 @@ class DraftRunner:
             return first_pick(fit_vocab(logits[:, 0], vocab_size), keys)
 
         def chain_start(head: Tensor, feed: Tensor) -> tuple[Tensor, Tensor]:
-            # the catch-up feed, then the first draft's pick; head: (B, 4 + num_draft), the
-            # rows of draft_chain's host inputs before the feed
-            num_draft = head.shape[1] - 4
-            seeds, root_lens, fed_lens = head[:, 0], head[:, 1], head[:, 2]
-            logits = self._feed_on_device(feed)
-            # slot j's keys: the position its predecessor is fed at (the cache's length after
-            # the catch-up, plus j - 1), its own position (Philox) and the row's seed
-            slots = torch.arange(num_draft, device=head.device)
-            keys = torch.stack([fed_lens[:, None] + slots - 1, root_lens[:, None] + slots,
-                                seeds[:, None].expand(-1, num_draft)], -1)
-            return first_pick(logits, keys[:, 0]), keys
+            # the catch-up feed, then the first draft's pick; head: (B, 4), the first columns
+            # of draft_chain's host inputs (seed, root length, fed length, forced count).
+            # Draft slot 0's keys: the position its predecessor (the root) is fed at, its own
+            # position (Philox) and the row's seed; slot j's are these plus (j, j, 0).
+            keys = torch.stack([head[:, 2] - 1, head[:, 1], head[:, 0]], -1)
+            return first_pick(self._feed_on_device(feed), keys), keys
 
         # the autoregressive one-token step (forward and pick), the same shapes every time:
         # graphed on CUDA/HPU, as are the catch-up-led steps (per width, see _run)
@@ -146,6 +141,7 @@ class DraftRunner:
         self._chain_start = chain_start
         self._graphed: dict[tuple, GraphedStep] = {}   # _run's graphs, per kind of step
         self._plans: dict[tuple[int, ...], _StaticPlan] = {}
+        self._slot_steps: dict[int, Tensor] = {}   # draft_chain's key offsets, per length
 
     def reset(self) -> None:
         """Forgets every row (a new call reusing this runner and its graphs): the cache's
@@ -250,9 +246,15 @@ class DraftRunner:
                 for seed, row, c, n, f, feed in zip(seeds, rows, self.cached, new, forced,
                                                     self._feed_columns(new, width))]
         inputs = self._to_device(host)                    # the draft phase's one copy
-        head = inputs[:, :4 + num_draft]
-        first, keys = self._run(("chain",), self._chain_start, width, head,
-                                inputs[:, 4 + num_draft:])
+        # one graph per feed width, whatever the draft length: the forced tokens stay out
+        first, slot0 = self._run(("chain",), self._chain_start, width, inputs[:, :4],
+                                 inputs[:, 4 + num_draft:])
+        steps = self._slot_steps.get(num_draft)
+        if steps is None:                   # (num_draft, 3): (j, j, 0) for slot j
+            slots = torch.arange(num_draft, device=self.device)
+            steps = torch.stack([slots, slots, torch.zeros_like(slots)], -1)
+            self._slot_steps[num_draft] = steps
+        keys = slot0[:, None] + steps                      # (B, num_draft, 3): every slot's
         self.cached = [c + len(n) + num_draft - 1 for c, n in zip(self.cached, new)]
         # each replay overwrites the graph's output: every slot's record is copied out
         records = first.new_empty(batch, num_draft, first.shape[1])
@@ -262,7 +264,7 @@ class DraftRunner:
         tokens = records[..., -1].long()
         probs = records[..., :-1].contiguous() if records.shape[-1] > 1 else None
         if any(forced):
-            num_forced, forced_t = head[:, 3], head[:, 4:]
+            num_forced, forced_t = inputs[:, 3], inputs[:, 4:4 + num_draft]
             take = torch.arange(num_draft, device=self.device) < num_forced[:, None]
             tokens = torch.where(take, forced_t, tokens)
             if probs is not None:

@@ -393,3 +393,25 @@ def test_catch_up_feed_width(pair, cpu_graphs, graphs):
         runner.cached = cached
         new = [[7] * n for n in need]
         assert runner._feed_width(new) == (padded_width if graphs else max(need)), cached
+
+
+def test_a_chain_draft_replays_one_catch_up_graph_per_feed_width(pair, cpu_graphs):
+    """The catch-up feed and first pick of a chain draft are graphed per feed width, not per
+    draft length (the draft slots' keys are added after the replay): drafting 1, 3 and 2
+    tokens after the same catch-up replays one graph, and drafts what eager drafting does."""
+    _, draft = pair
+    lm = specops.models.causal_lm(draft)
+    rows = [[3, 9, 4, 7, 1], [8, 2, 6]]
+    runners = [DraftRunner(lm, 2, 32, draft.config.vocab_size,
+                           specops.loop._pick_draft((0.0, 0, 1.0)), graphs=graphs)
+               for graphs in (True, False)]
+    for runner in runners:
+        runner.prefill(rows)
+    for num_draft in (1, 3, 2):
+        drafted = []
+        for runner in runners:
+            runner.cached = [len(r) - 1 for r in rows]       # back to each row's root
+            drafted.append(runner.draft_chain(rows, num_draft, [0, 1])[0])
+        assert drafted[0].shape == (2, num_draft) and torch.equal(*drafted), num_draft
+    (start,) = [step for kind, step in runners[0]._graphed.items() if kind == ("chain",)]
+    assert len(start.graphs) == 1
