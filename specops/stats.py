@@ -17,6 +17,9 @@ class GenerationStats:
     plus one token drawn by the target (the bonus or recovered token) per step;
     ``acceptance_per_position[i]`` is the share of drafts at position ``i + 1`` that were
     accepted among rows whose drafts reached that position (every earlier one accepted).
+    For a tree, a row's draft length is its tree's depth in that step (the depth of its
+    deepest node, which a grown or pruned tree may keep short of the nominal depth), and
+    ``draft_lengths`` counts steps by their deepest row's.
     """
 
     steps: int = 0
