@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .graphs import GraphedStep
+from .graphs import GraphedStep, rows_to_device
 from .models import CausalLM
 from .tree_ops import tree_metadata
 from .trees import grow_tree
@@ -151,12 +151,6 @@ class DraftRunner:
     def _lens(self, values: list[int]) -> Tensor:
         return torch.tensor(values, dtype=torch.int32, device=self.device)
 
-    def _to_device(self, host: list[list[int]]) -> Tensor:
-        """Rows of host integers as one int64 device tensor: one copy, from pinned memory on
-        CUDA (so that it does not wait for the device)."""
-        pinned = torch.tensor(host, dtype=torch.int64, pin_memory=self.device.type == "cuda")
-        return pinned.to(self.device, non_blocking=True)
-
     def _feed_width(self, new: list[list[int]]) -> int:
         """The width of a catch-up feed of ``new``: with graphs, the least of
         :data:`FEED_WIDTHS` that holds every row's new tokens and leaves every row's writes
@@ -215,7 +209,8 @@ class DraftRunner:
     def _feed(self, new: list[list[int]], prefill: bool = False) -> Tensor:
         """Feeds ``new[b]`` at slots ``cached[b]...``; returns each row's logits after its
         last new token, fitted to the target vocabulary. Shape ``(B, V)``, float32."""
-        logits = self._feed_on_device(self._to_device(self._feed_columns(new)), prefill)
+        feed = rows_to_device(self._feed_columns(new), self.device)
+        logits = self._feed_on_device(feed, prefill)
         self.cached = [c + len(n) for c, n in zip(self.cached, new)]
         return logits
 
@@ -245,7 +240,7 @@ class DraftRunner:
         host = [[seed, len(row), c + len(n), len(f)] + f + [0] * (num_draft - len(f)) + feed
                 for seed, row, c, n, f, feed in zip(seeds, rows, self.cached, new, forced,
                                                     self._feed_columns(new, width))]
-        inputs = self._to_device(host)                    # the draft phase's one copy
+        inputs = rows_to_device(host, self.device)        # the draft phase's one copy
         # one graph per feed width, whatever the draft length: the forced tokens stay out
         first, slot0 = self._run(("chain",), self._chain_start, width, inputs[:, :4],
                                  inputs[:, 4 + num_draft:])
@@ -296,7 +291,7 @@ class DraftRunner:
         seed_columns = [[seed] for seed in seeds] if seeds is not None else [[] for _ in rows]
         host = [[row[-1]] + seed + feed for row, seed, feed
                 in zip(rows, seed_columns, self._feed_columns(new, width))]
-        inputs = self._to_device(host)
+        inputs = rows_to_device(host, self.device)
         self.cached = [len(r) for r in rows]
         return inputs, width
 

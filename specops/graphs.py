@@ -44,6 +44,14 @@ def graph_backend(device: torch.device | str) -> str | None:
     return kind if kind in _BACKENDS else None
 
 
+def rows_to_device(host: list[list[int]], device: torch.device) -> Tensor:
+    """Rows of host integers (a graphed step's small inputs) as one int64 tensor on
+    ``device``: one copy, from pinned memory on CUDA, so that it does not wait for the
+    device."""
+    pinned = torch.tensor(host, dtype=torch.int64, pin_memory=device.type == "cuda")
+    return pinned.to(device, non_blocking=True)
+
+
 class _CudaGraph:
     """A captured ``torch.cuda.CUDAGraph``, replayed with its own device current: a model on
     ``cuda:1`` while ``cuda:0`` is current would otherwise launch onto the wrong device's

@@ -27,7 +27,7 @@ from . import ops
 from .controller import (PROBE_EVERY, CostModel, DraftLengthController, Prober,
                          TreeSizeController)
 from .draft_model import Children, DraftRunner, fit_vocab
-from .graphs import GraphedStep, graph_backend
+from .graphs import GraphedStep, graph_backend, rows_to_device
 from .kv_ops import kv_commit
 from .models import CausalLM, causal_lm
 from .prompt_lookup import PromptLookup
@@ -666,16 +666,11 @@ class _Run:
         without ``lookup``)."""
         lookup = lookup or [[] for _ in self.rows]
         width = max(len(tokens) for tokens in lookup)
-        return self._to_device([[len(row) - 1, n, seed, row[-1]] + tokens
-                                + [0] * (width - len(tokens))
-                                for row, n, seed, tokens in zip(self.rows, draft_lens,
-                                                                self.row_seeds, lookup)])
-
-    def _to_device(self, host: list[list[int]]) -> Tensor:
-        """Rows of host integers as one int64 device tensor: one copy, from pinned memory on
-        CUDA (so that it does not wait for the device)."""
-        pinned = torch.tensor(host, dtype=torch.int64, pin_memory=self.device.type == "cuda")
-        return pinned.to(self.device, non_blocking=True)
+        return rows_to_device([[len(row) - 1, n, seed, row[-1]] + tokens
+                               + [0] * (width - len(tokens))
+                               for row, n, seed, tokens in zip(self.rows, draft_lens,
+                                                               self.row_seeds, lookup)],
+                              self.device)
 
     # ------------------------------------------------------------------------- loop
     def loop(self) -> None:
@@ -1045,8 +1040,8 @@ class _Run:
                 tree_tokens, parents, _ = keep_best_nodes(tree_tokens, parents, scores, size + 1)
         self.clock.switch("verify")
         verify_started = time.perf_counter()
-        inputs = self._to_device([[n - 1, seed] for n, seed in zip(self.root_lens,
-                                                                   self.row_seeds)])
+        inputs = rows_to_device([[n - 1, seed] for n, seed in zip(self.root_lens,
+                                                                  self.row_seeds)], self.device)
         step_inputs = (inputs, tree_tokens, parents)
         if draft_probs is not None:
             step_inputs += (draft_probs,)
