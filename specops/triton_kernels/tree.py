@@ -188,6 +188,15 @@ def _walk_start(num_nodes_ptr, parents_ptr, seeds_ptr, positions_ptr, b, num_slo
 
 
 @triton.jit
+def _accept(lanes, num_accepted, child, token, path, tokens):
+    """Appends ``child`` and its ``token`` to a walk's accepted path: ``(path, tokens,
+    num_accepted + 1)``."""
+    path = tl.where(lanes == num_accepted, child, path)
+    tokens = tl.where(lanes == num_accepted, token, tokens)
+    return path, tokens, num_accepted + 1
+
+
+@triton.jit
 def _store_row(tokens_ptr, path_ptr, num_accepted_ptr, b, num_slots, lanes, tokens, path,
                num_accepted, token):
     """A row's outputs: its accepted tokens with the drawn one after them, path, count."""
@@ -251,9 +260,8 @@ def _tree_verify_kernel(
             q_x = tl.where(valid, 1.0, 0.0)
         u = philox_uniform(seed, position + depth + 1, rank.to(tl.uint32), PURPOSE_ACCEPT)
         if u * q_x < tl.math.div_rn(r_x, scale):
-            path = tl.where(lanes == num_accepted, child, path)
-            tokens = tl.where(lanes == num_accepted, x, tokens)
-            num_accepted += 1
+            path, tokens, num_accepted = _accept(lanes, num_accepted, child, x, path,
+                                                tokens)
             cur = child
             depth += 1
             buf = tl.full([], -1, tl.int32)
@@ -415,9 +423,8 @@ def _tree_verify_one_hot_walk_kernel(
         q_x = tl.where(valid, 1.0, 0.0)
         u = philox_uniform(seed, position + depth + 1, rank.to(tl.uint32), PURPOSE_ACCEPT)
         if u * q_x < tl.math.div_rn(r_x, scale):
-            path = tl.where(lanes == num_accepted, child, path)
-            tokens = tl.where(lanes == num_accepted, x, tokens)
-            num_accepted += 1
+            path, tokens, num_accepted = _accept(lanes, num_accepted, child, x, path,
+                                                tokens)
             cur = child
             depth += 1
             rank = tl.full([], 0, tl.int32)
@@ -617,9 +624,8 @@ def _tree_verify_greedy_walk_kernel(
     is_match = (lanes > cur) & (lanes < num_nodes) & (parents == cur) & (drafts == argmax)
     child = tl.min(tl.where(is_match, lanes, NO_INDEX), 0)
     while child < NO_INDEX:
-        path = tl.where(lanes == num_accepted, child, path)
-        tokens = tl.where(lanes == num_accepted, argmax, tokens)  # the child's token
-        num_accepted += 1
+        # the child's token is the argmax it matched
+        path, tokens, num_accepted = _accept(lanes, num_accepted, child, argmax, path, tokens)
         cur = child
         argmax = _row_argmax(chunk_max_ptr, chunk_argmax_ptr, b * num_slots + cur, num_chunks,
                              BLOCK_CHUNKS)
