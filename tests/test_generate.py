@@ -358,6 +358,52 @@ def test_each_batch_size_has_its_own_cost_model(pair, monkeypatch, tree):
         assert control.growth_seconds == one.draft_fixed_seconds
 
 
+def test_generate_measures_costs_once_per_target_drafter_and_options(monkeypatch):
+    """``specops.generate`` builds a generator per call but measures the verify costs only at
+    the first call with a given target, draft model object, proposer class and cost-relevant
+    options; each call's controllers start with fresh acceptance estimates, and the kept
+    costs go with the target."""
+    import gc
+
+    from specops import loop
+    measured, controllers = [], []
+    original_measure, original_init = loop._Run._measure_verify, DraftLengthController.__init__
+
+    def counting(self, largest):
+        measured.append((type(self.gen.lookup).__name__, self.draft is not None, largest))
+        return original_measure(self, largest)
+
+    def created(self, *args, **kwargs):
+        controllers.append(self)
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(loop._Run, "_measure_verify", counting)
+    monkeypatch.setattr(DraftLengthController, "__init__", created)
+    target, draft = tiny_pair("qwen2")
+    row = torch.tensor([prompts(target.config.vocab_size, [6], seed=9)[0]])
+
+    def run(drafter, **options):
+        specops.generate(target, row, draft=drafter, max_new_tokens=4, eos_token_id=[],
+                         **options)
+
+    run(specops.PromptLookup())
+    run(specops.PromptLookup())                       # a new proposer of the same class
+    assert measured == [("PromptLookup", False, 33)] and len(controllers) == 2
+    assert controllers[0] is not controllers[1] and controllers[0].cost is controllers[1].cost
+    run(draft)
+    run(draft)
+    run(draft, max_draft_tokens=3)                    # other sizes to measure
+    run(draft, temperature=0.5)                       # a sampled step costs more
+    run(noisy_copy(target, noise=0.1))                # another draft model
+    assert measured[1:] == [("NoneType", True, 9), ("NoneType", True, 4),
+                            ("NoneType", True, 9), ("NoneType", True, 9)], measured
+    assert len(loop._KEPT_COSTS[target]) == 5
+    kept = len(loop._KEPT_COSTS)
+    del target, draft
+    gc.collect()
+    assert len(loop._KEPT_COSTS) == kept - 1
+
+
 def test_reset_estimates_keeps_the_cost_model(pair):
     target, draft = pair
     row = torch.tensor([prompts(target.config.vocab_size, [6], seed=5)[0]])
