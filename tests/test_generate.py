@@ -382,8 +382,10 @@ def test_generate_measures_costs_once_per_target_drafter_and_options(monkeypatch
     target, draft = tiny_pair("qwen2")
     row = torch.tensor([prompts(target.config.vocab_size, [6], seed=9)[0]])
 
+    held = {"target": target}       # dropped at the end, so that the target can go
+
     def run(drafter, **options):
-        specops.generate(target, row, draft=drafter, max_new_tokens=4, eos_token_id=[],
+        specops.generate(held["target"], row, draft=drafter, max_new_tokens=4, eos_token_id=[],
                          **options)
 
     run(specops.PromptLookup())
@@ -399,6 +401,7 @@ def test_generate_measures_costs_once_per_target_drafter_and_options(monkeypatch
                             ("NoneType", True, 9), ("NoneType", True, 9)], measured
     assert len(loop._KEPT_COSTS[target]) == 5
     kept = len(loop._KEPT_COSTS)
+    held.clear()
     del target, draft
     gc.collect()
     assert len(loop._KEPT_COSTS) == kept - 1
