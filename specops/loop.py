@@ -315,7 +315,7 @@ class SpeculativeGenerator:
                                         getattr(self.lookup, "num_draft", MODEL_MAX_DRAFT))
         self.max_draft_tokens = max(self.max_draft.values(), default=fixed or 0)
         self.temperature, self.top_k, self.top_p = float(temperature), int(top_k), float(top_p)
-        self.seed = int(seed)
+        self.seed = _check_seed(seed)
         config = target.config
         eos = eos_token_id if eos_token_id is not None else config.eos_token_id
         self.eos = set([eos] if isinstance(eos, int) else (eos or []))
@@ -423,6 +423,9 @@ class SpeculativeGenerator:
         if limit is not None and longest + max_new_tokens > limit:
             raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
                              f"exceeds the target's max_position_embeddings ({limit})")
+        if _check_seed(self.seed) + len(rows) - 1 >= 2 ** 63:   # (self.seed may be set later)
+            raise ValueError(f"seed {self.seed} + row index must fit in int64: row b uses seed "
+                             f"+ b, and this batch has {len(rows)} rows")
         run = _Run(self, rows, max_new_tokens, streamer)
         run.loop()
         return run.output(input_ids)
@@ -447,6 +450,15 @@ class SpeculativeGenerator:
             if min(row) < 0 or max(row) >= vocab:
                 raise ValueError(f"row {b} of input_ids holds a token id outside 0..{vocab - 1}")
         return rows
+
+
+def _check_seed(seed) -> int:
+    """``seed`` as an int64 (the verify ops' Philox key is its low and high 32 bits)."""
+    if isinstance(seed, bool) or not hasattr(seed, "__index__"):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    if not -2 ** 63 <= int(seed) < 2 ** 63:
+        raise ValueError(f"seed must fit in int64 (-2**63 .. 2**63 - 1), got {seed}")
+    return int(seed)
 
 
 def _refuse(unsupported: dict) -> None:
