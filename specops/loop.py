@@ -426,8 +426,11 @@ class SpeculativeGenerator:
         if _check_seed(self.seed) + len(rows) - 1 >= 2 ** 63:   # (self.seed may be set later)
             raise ValueError(f"seed {self.seed} + row index must fit in int64: row b uses seed "
                              f"+ b, and this batch has {len(rows)} rows")
-        run = _Run(self, rows, max_new_tokens, streamer)
+        callback, end = _stream_to(streamer, input_ids)
+        run = _Run(self, rows, max_new_tokens, callback)
         run.loop()
+        if end is not None:
+            end()
         return run.output(input_ids)
 
     def _rows(self, input_ids: Tensor, attention_mask: Tensor | None) -> list[list[int]]:
@@ -450,6 +453,30 @@ class SpeculativeGenerator:
             if min(row) < 0 or max(row) >= vocab:
                 raise ValueError(f"row {b} of input_ids holds a token id outside 0..{vocab - 1}")
         return rows
+
+
+def _stream_to(streamer, input_ids: Tensor) -> tuple[Callable | None, Callable | None]:
+    """``(callback, end)`` for a ``generate`` call's ``streamer``: a callable is the
+    callback itself (each step's new tokens per row); a Hugging Face streamer (an object with
+    ``put`` and ``end``, such as ``transformers.TextStreamer``) is fed as Hugging Face's
+    ``generate`` feeds it (``put`` of the prompt, ``input_ids`` as given, then of each step's
+    new tokens, shape ``(1, n)``, then ``end()``), batch 1 only, as those streamers take."""
+    if streamer is None or callable(streamer):
+        return streamer, None
+    if not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+        raise TypeError(f"streamer must be a callable (it gets each row's new tokens after "
+                        f"every step) or a Hugging Face streamer with put() and end(), got "
+                        f"{type(streamer).__name__}")
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"a Hugging Face streamer ({type(streamer).__name__}) takes one row, "
+                         f"this batch has {input_ids.shape[0]}: pass a callable streamer, which "
+                         f"gets every row's new tokens")
+    streamer.put(input_ids.cpu())
+
+    def put(new_per_row: list[list[int]]) -> None:
+        if new_per_row[0]:
+            streamer.put(torch.tensor([new_per_row[0]], dtype=torch.int64))
+    return put, streamer.end
 
 
 def _check_seed(seed) -> int:
@@ -1133,7 +1160,10 @@ def generate(target: torch.nn.Module, input_ids: Tensor, *, draft=None,
         temperature, top_k, top_p, seed: sampling (``temperature=0``: greedy). Row ``b``
             uses seed ``seed + b``.
         eos_token_id, stop_strings, tokenizer: where rows end.
-        streamer: called after every step with each row's new tokens (``list[list[int]]``).
+        streamer: called after every step with each row's new tokens (``list[list[int]]``);
+            or, for batch 1, a Hugging Face streamer (``put``/``end``, e.g.
+            ``transformers.TextStreamer``), fed the prompt, then each step's tokens, as
+            Hugging Face's ``generate`` feeds it.
         cuda_graphs: see :class:`SpeculativeGenerator` (None: on for CUDA; HPU through
             ``habana_frameworks`` when True, untested on hardware; ignored on CPU).
         compile: see :class:`SpeculativeGenerator`. Each call builds a new generator, so

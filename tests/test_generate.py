@@ -185,6 +185,59 @@ def test_bad_input_is_refused_clearly(bad, error, words):
         specops.generate(target, args.pop("input_ids"), **args)
 
 
+def test_a_hugging_face_streamer_is_fed_as_hugging_face_feeds_it():
+    """A ``transformers`` streamer (``put``/``end``) gets the prompt, then the new tokens,
+    then ``end()``: the same token stream as Hugging Face's greedy ``generate`` gives it."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Recorder(BaseStreamer):
+        def __init__(self):
+            self.puts, self.ends = [], 0
+
+        def put(self, value):
+            self.puts.append(value.tolist())
+
+        def end(self):
+            self.ends += 1
+
+    target = tiny_model("qwen2", seed=5)
+    ids = torch.tensor([prompts(64, [5], seed=6)[0]])
+    ours, theirs = Recorder(), Recorder()
+    out = specops.generate(target, ids, draft=noisy_copy(target, noise=0.1), num_draft_tokens=3,
+                           max_new_tokens=9, eos_token_id=[], streamer=ours)
+    target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=9, do_sample=False,
+                    eos_token_id=None, pad_token_id=PAD, streamer=theirs)
+
+    def flat(puts):
+        return [t for value in puts for t in torch.tensor(value).flatten().tolist()]
+    assert ours.puts[0] == ids.tolist() and ours.ends == 1 == theirs.ends
+    assert flat(ours.puts) == flat(theirs.puts) == out.sequences[0].tolist()
+    assert len(ours.puts) < len(theirs.puts)    # several tokens a step
+
+
+def test_a_streamer_that_cannot_take_the_tokens_is_refused_before_any_work():
+    from transformers.generation.streamers import BaseStreamer
+
+    class Recorder(BaseStreamer):
+        def __init__(self):
+            self.puts = []
+
+        def put(self, value):
+            self.puts.append(value)
+
+        def end(self):
+            pass
+
+    target = tiny_model("qwen2", seed=5)
+    recorder = Recorder()
+    with pytest.raises(ValueError, match="one row"):
+        specops.generate(target, torch.tensor([[2, 3], [4, 5]]), max_new_tokens=2,
+                         streamer=recorder)
+    assert recorder.puts == []
+    with pytest.raises(TypeError, match="streamer must be"):
+        specops.generate(target, torch.tensor([[2, 3]]), max_new_tokens=2, streamer=object())
+
+
 @pytest.mark.parametrize("min_match", [0, -1, 1.5])
 def test_hybrid_refuses_a_bad_min_match(min_match):
     with pytest.raises(ValueError, match="min_match"):
