@@ -488,12 +488,20 @@ def _check_seed(seed) -> int:
     return int(seed)
 
 
+# What to pass instead, for Hugging Face options that have a specops spelling.
+_INSTEAD = {"do_sample": "temperature > 0 samples, temperature=0 is greedy",
+            "min_new_tokens": "no minimum length is implemented",
+            "min_length": "no minimum length is implemented",
+            "num_return_sequences": "repeat a row in input_ids, with seeds seed + b"}
+
+
 def _refuse(unsupported: dict) -> None:
     if unsupported:
         names = ", ".join(sorted(unsupported))
         known = [n for n in unsupported if n in UNSUPPORTED]
         why = "not supported by the specops loop" if known else "unknown"
-        raise TypeError(f"generate: {why}: {names}")
+        hints = "; ".join(f"{n}: {_INSTEAD[n]}" for n in sorted(unsupported) if n in _INSTEAD)
+        raise TypeError(f"generate: {why}: {names}" + (f" ({hints})" if hints else ""))
 
 
 def _chain_verify_step(forward: Callable[..., Tensor], cache: object,

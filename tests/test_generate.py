@@ -165,6 +165,7 @@ def test_tree_stats_count_positions_down_to_each_trees_depth(pair):
     (dict(seed=1.5), TypeError, "seed"),
     (dict(repetition_penalty=1.2), TypeError, "repetition_penalty"),
     (dict(logprobs=True), TypeError, "not supported"),
+    (dict(do_sample=True), TypeError, "temperature > 0 samples"),
     (dict(draft="lookup", tree=specops.DynamicTree()), ValueError, "tree"),
     (dict(draft="other-tokenizer"), ValueError, "tokenizer"),
     (dict(draft="meta"), ValueError, "device"),
