@@ -230,6 +230,8 @@ def describe(stats: dict) -> list[str]:
     lengths = " ".join(f"{k}:{v}" for k, v in stats["draft_lengths"].items()) or "-"
     split = " ".join(f"{phase} {stats[phase + '_seconds'] / total:.0%}"
                      for phase in ("prefill", "draft", "verify", "overhead"))
+    if stats.get("warmup_seconds"):     # the cost-aware draft length's first measurement
+        split += f" cost warm-up {stats['warmup_seconds'] / total:.0%}"
     return [f"{stats['new_tokens']} tokens in {stats['total_seconds']:.2f} s: "
             f"{stats['tokens_per_second']:.2f} tokens/s, {stats['steps']} steps, "
             f"{stats['mean_emitted_per_step']:.2f} tokens emitted per step",

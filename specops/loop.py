@@ -742,6 +742,7 @@ class _Run:
         stats.draft_seconds = totals.get("draft", 0.0)
         stats.verify_seconds = totals.get("verify", 0.0)
         stats.overhead_seconds = totals.get("overhead", 0.0)
+        stats.warmup_seconds = totals.get("warmup", 0.0)
         stats.total_seconds = sum(totals.values())
 
     def _prefill(self) -> None:
@@ -820,6 +821,7 @@ class _Run:
         gen = self.gen
         costs = gen.costs.get(self.batch)
         if costs is None:
+            self.clock.switch("warmup")
             verify = self._measure_verify(gen.max_draft_tokens + 1)
             costs = {}
             if self.draft is not None:
@@ -831,6 +833,7 @@ class _Run:
             if gen.lookup is not None:
                 costs["lookup"] = CostModel(verify_seconds=verify, draft_step_seconds=0.0)
             gen.costs[self.batch] = costs
+            self.clock.switch("overhead")
         if not gen.controllers:
             gen.controllers = {kind: DraftLengthController(costs[kind], most)
                                for kind, most in gen.max_draft.items()}
@@ -849,6 +852,7 @@ class _Run:
         gen, tree = self.gen, self.gen.tree
         costs = gen.costs.get(self.batch)
         if costs is None:
+            self.clock.switch("warmup")
             verify = self._measure_verify(tree.num_nodes)
 
             def grow():
@@ -857,6 +861,7 @@ class _Run:
             growth = self._time_warm(grow)
             costs = gen.costs[self.batch] = {"tree": CostModel(
                 verify_seconds=verify, draft_step_seconds=0.0, draft_fixed_seconds=growth)}
+            self.clock.switch("overhead")
         cost = gen.cost = costs["tree"]
         if gen.tree_controller is None:
             gen.tree_controller = TreeSizeController(cost, cost.draft_fixed_seconds,

@@ -36,6 +36,9 @@ class GenerationStats:
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     overhead_seconds: float = 0.0
+    # the cost-aware controller's warm-up measurement (target forwards of a few sizes, a
+    # draft step), made at a generator's first call with a batch size: 0 at later calls
+    warmup_seconds: float = 0.0
     total_seconds: float = 0.0
 
     @property
@@ -73,7 +76,7 @@ class GenerationStats:
                     step_kinds=dict(sorted(self.step_kinds.items())),
                     prefill_seconds=self.prefill_seconds, draft_seconds=self.draft_seconds,
                     verify_seconds=self.verify_seconds, overhead_seconds=self.overhead_seconds,
-                    total_seconds=self.total_seconds)
+                    warmup_seconds=self.warmup_seconds, total_seconds=self.total_seconds)
 
     def summary(self) -> str:
         """One line of text."""
@@ -86,7 +89,7 @@ class GenerationStats:
                 f"[{acceptance}], draft lengths {{{lengths}}}, time: prefill "
                 f"{self.prefill_seconds / total:.0%} draft {self.draft_seconds / total:.0%} "
                 f"verify {self.verify_seconds / total:.0%} other "
-                f"{self.overhead_seconds / total:.0%}")
+                f"{self.overhead_seconds / total:.0%} warm-up {self.warmup_seconds / total:.0%}")
 
 
 class PhaseClock:

@@ -421,6 +421,7 @@ def test_generate_measures_costs_once_per_target_drafter_and_options(monkeypatch
     options; each call's controllers start with fresh acceptance estimates, and the kept
     costs go with the target."""
     import gc
+    import weakref
 
     from specops import loop
     measured, controllers = [], []
@@ -457,11 +458,26 @@ def test_generate_measures_costs_once_per_target_drafter_and_options(monkeypatch
     assert measured[1:] == [("NoneType", True, 9), ("NoneType", True, 4),
                             ("NoneType", True, 9), ("NoneType", True, 9)], measured
     assert len(loop._KEPT_COSTS[target]) == 5
-    kept = len(loop._KEPT_COSTS)
+    gone = weakref.ref(target)
     held.clear()
     del target, draft
     gc.collect()
-    assert len(loop._KEPT_COSTS) == kept - 1
+    assert gone() is None                       # the kept costs do not hold the target
+
+
+def test_the_cost_warm_up_is_timed_apart_at_the_first_call_only(pair):
+    """``stats.warmup_seconds``: the controller's measurement at a generator's first call
+    (per batch size), 0 at the next; the phases add up to the call's time."""
+    target, draft = pair
+    row = torch.tensor([prompts(target.config.vocab_size, [6], seed=5)[0]])
+    gen = specops.SpeculativeGenerator(target, draft, max_draft_tokens=3, eos_token_id=[])
+    first, second = (gen.generate(row, max_new_tokens=6).stats for _ in range(2))
+    assert first.warmup_seconds > 0 and second.warmup_seconds == 0
+    for stats in (first, second):
+        phases = (stats.prefill_seconds, stats.draft_seconds, stats.verify_seconds,
+                  stats.overhead_seconds, stats.warmup_seconds)
+        assert sum(phases) == pytest.approx(stats.total_seconds)
+    assert "warmup_seconds" in first.as_dict() and "warm-up" in first.summary()
 
 
 def test_reset_estimates_keeps_the_cost_model(pair):
