@@ -102,6 +102,31 @@ def test_streamed_text_equals_decoded_output_and_summary_on_stderr(folders, caps
         assert expected in err
 
 
+def test_a_warm_up_call_comes_first_unless_skipped(folders, capsys, monkeypatch):
+    """The timed run follows one short untimed call of the same generator (weights paged in,
+    costs measured: the timed run measures nothing), which ``--no-warmup`` skips."""
+    from specops import loop
+    calls = []
+    original = loop.SpeculativeGenerator.generate
+
+    def recording(self, input_ids, *args, max_new_tokens, **kwargs):
+        out = original(self, input_ids, *args, max_new_tokens=max_new_tokens, **kwargs)
+        calls.append((id(self), max_new_tokens, out.stats.warmup_seconds))
+        return out
+
+    monkeypatch.setattr(loop.SpeculativeGenerator, "generate", recording)
+    code, out, err = run(capsys, *base(folders), "--json")
+    assert code == 0, err
+    assert [c[1] for c in calls] == [2, 8] and calls[0][0] == calls[1][0]
+    assert calls[0][2] > 0 and calls[1][2] == 0
+    assert json.loads(out)["warmup_seconds"] > 0 and "specops: warm-up" in err
+    calls.clear()
+    code, out, err = run(capsys, *base(folders), "--json", "--no-warmup")
+    assert code == 0, err
+    assert [c[1] for c in calls] == [8] and calls[0][2] > 0
+    assert json.loads(out)["warmup_seconds"] is None and "warm-up" not in err
+
+
 def test_sampling_runs_and_is_not_compared_token_for_token(folders, capsys):
     code, out, err = run(capsys, *base(folders), "--temperature", "0.9", "--top-k", "10",
                          "--top-p", "0.9", "--seed", "3", "--compare", "--json")
