@@ -686,7 +686,12 @@ class _Run:
         self.done = [max_new_tokens == 0] * self.batch
         self.device = gen.target.device
         tree = gen.tree
+        # slots a step may write past a row's length: a chain's root and drafts, a tree's
+        # nodes; a grown tree's last round re-feeds the draft (depth - 1) * top_k tokens
+        # (DraftRunner.grow_tree), more than num_nodes when few of the grown nodes are kept
         lookahead = (tree.num_nodes if tree else gen.max_draft_tokens + 1) + 1
+        if isinstance(tree, DynamicTree):
+            lookahead = max(lookahead, (tree.depth - 1) * tree.top_k + 1)
         capacity = max(self.prompt_lens) + max_new_tokens + lookahead
         graphs = (self.device.type == "cuda" if gen.cuda_graphs is None else
                   gen.cuda_graphs and graph_backend(self.device) is not None)

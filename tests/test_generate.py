@@ -480,6 +480,22 @@ def test_the_cost_warm_up_is_timed_apart_at_the_first_call_only(pair):
     assert "warmup_seconds" in first.as_dict() and "warm-up" in first.summary()
 
 
+@pytest.mark.parametrize("tree", [
+    specops.DynamicTree(depth=4, top_k=8, num_nodes=8, adaptive=False),
+    specops.DynamicTree(depth=6, top_k=6, num_nodes=4, adaptive=False),
+    specops.DynamicTree(depth=5, top_k=5, num_nodes=3)])
+def test_a_small_grown_tree_runs_to_the_end_of_the_cache(tree):
+    """A grown tree keeping fewer nodes than its last round feeds the draft ((depth - 1) *
+    top_k tokens) still has room in the draft's cache at the last steps (it overflowed
+    there: a ValueError from kv_write, an unchecked write past the cache on a GPU)."""
+    target = tiny_model("qwen2", seed=3)
+    row = prompts(64, [6], seed=1)[0]
+    out = specops.generate(target, torch.tensor([row]), draft=noisy_copy(target, noise=0.1),
+                           tree=tree, max_new_tokens=30, eos_token_id=[])
+    assert_same_or_tie(target, row, out.sequences[0, len(row):].tolist(),
+                       hf_greedy(target, row, 30), str(tree))
+
+
 def test_reset_estimates_keeps_the_cost_model(pair):
     target, draft = pair
     row = torch.tensor([prompts(target.config.vocab_size, [6], seed=5)[0]])
