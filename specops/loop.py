@@ -1212,9 +1212,9 @@ def generate(target: torch.nn.Module, input_ids: Tensor, *, draft=None,
 
 # The cost models that specops.generate measured, per target (held weakly: they go with it),
 # then per drafter and the options that change what a step costs: later calls skip the
-# warm-up measurement (measured on the 2-core CPU, Qwen2.5-Coder-1.5B float32, a HumanEval
-# prompt, 96 new tokens: 1.7-2.0 s a call with prompt lookup, 0.7-0.9 s with the 0.5B bf16
-# draft model, against 6-9 s for the generation itself).
+# warm-up measurement (on the 2-core CPU, Qwen2.5-Coder-1.5B float32, a HumanEval prompt, 96
+# new tokens: 2.0-2.2 s a call with prompt lookup, 0.8-1.0 s with the 0.5B bf16 draft model,
+# against 6.2 and 10.3-10.6 s for the generation itself; bench/warmup_cpu.py, BENCHMARKS.md).
 _KEPT_COSTS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
 
