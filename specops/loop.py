@@ -147,6 +147,9 @@ class Hybrid:
     (:class:`specops.controller.Prober`). Matches on prose are common and often wrong (a
     number, a name), which is where the comparison helps; where a good lookup starts with a
     few wrong matches (code) it loses steps to the draft model until its estimates recover.
+    Before the draft model's first step (a :class:`Hybrid` prefills it only then), the
+    comparison also charges the draft model that prefill (guessed from the target's),
+    against the time both drafters would take to the longest row's end.
     Measured on the Qwen2.5-Coder pair (CPU, 12 prompts in 4 categories, one repetition;
     BENCHMARKS.md): between 0.82x and 1.40x the default's tokens/s per prompt, 1.03x
     geometric mean (0.99x in the run before), winning on math and losing on code, so it is
@@ -751,6 +754,7 @@ class _Run:
         stats.total_seconds = sum(totals.values())
 
     def _prefill(self) -> None:
+        started = time.perf_counter()
         width = max(self.prompt_lens) - 1
         if width > 0:
             tokens = torch.zeros(self.batch, width, dtype=torch.int64)
@@ -761,6 +765,8 @@ class _Run:
             self.prefill_forward(tokens.to(self.device), self.cache, zeros, positions,
                                  logits_index=torch.zeros(self.batch, 1, dtype=torch.int64,
                                                           device=self.device), prefill=True)
+        # host time: the prefill itself on the CPU, its launches on a GPU (_draft_prefill_guess)
+        self.prefill_seconds = time.perf_counter() - started
         self.draft_prefilled = False
         if self.draft is not None and self.gen.lookup is None:
             self._prefill_draft()
@@ -815,7 +821,23 @@ class _Run:
         longest = max(len(looked[b]) for b in matched)
         lookup_rate = self.controllers["lookup"].best(longest)[1]
         model_rate = self.controllers["model"].best()[1]
-        return gen.lookup_prober.due(lookup_rate < model_rate) or lookup_rate >= model_rate
+        lookup_better = lookup_rate >= model_rate
+        if not self.draft_prefilled and 0 < lookup_rate < model_rate:
+            # the draft model's first step pays its prefill first: compare the time to the
+            # end of the longest row, that prefill included
+            left = max(self._remaining(b) for b in range(self.batch) if not self.done[b])
+            lookup_better = left / lookup_rate <= self._draft_prefill_guess() + left / model_rate
+        return gen.lookup_prober.due(not lookup_better) or lookup_better
+
+    def _draft_prefill_guess(self) -> float:
+        """Seconds the draft model's prefill will take: the target's (host-timed) scaled by
+        the draft's cost per token against the target's one-token forward. With the bundled
+        pair on the 2-core CPU that decode ratio (about 0.23) overestimates the prefills'
+        (0.16: 0.41 against 2.62 s for a 172-token prompt, measured 2026-11-27), which errs
+        towards the lookup; on a GPU the host time is the prefill's launches, and the guess
+        is small."""
+        cost = self.controllers["model"].cost
+        return self.prefill_seconds * cost.draft_step_seconds / cost.verify(1)
 
     def _setup_controller(self) -> None:
         """Cost models from a short warm-up at the generator's first call with this batch size

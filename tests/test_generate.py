@@ -611,6 +611,25 @@ def test_hybrid_uses_a_match_only_where_it_pays(pair, monkeypatch, lookup_right)
             assert kinds["lookup"] - probes <= 8 and kinds["model"] >= 3 * kinds["lookup"], kinds
 
 
+@pytest.mark.parametrize("prefill_seconds", [0.0, 1e6])
+def test_hybrid_comparison_charges_the_draft_models_prefill(pair, monkeypatch, prefill_seconds):
+    """Before its first step the draft model is not prefilled: ``compare=True`` charges that
+    prefill to it. Priced at nothing, an always-wrong lookup loses to the draft model within
+    a few steps (as in the test above); priced above what the lookup could lose by the end,
+    every step takes the lookup (the 16-step probe aside) and the draft never runs."""
+    from specops import loop
+    monkeypatch.setattr(loop._Run, "_draft_prefill_guess", lambda self: prefill_seconds)
+    gen, target, row, reference = _scripted_hybrid(pair, monkeypatch, False, compare=True)
+    out = gen.generate(torch.tensor([row]), max_new_tokens=len(reference))
+    assert_same_or_tie(target, row, out.sequences[0, 6:].tolist(), reference, "hybrid")
+    kinds = out.stats.step_kinds
+    if prefill_seconds:
+        # (the last steps may find no continuation left to propose, and decode plainly)
+        assert kinds["model"] == 0 and kinds["lookup"] >= out.stats.steps - 2, kinds
+    else:
+        assert kinds["model"] >= 3 * kinds["lookup"], kinds
+
+
 def test_hybrid_lookup_learns_from_the_matches_it_did_not_use(pair, monkeypatch):
     """A lookup that is always right but starts with low estimates (ten failed 8-token
     steps) loses the comparison at first; its unused matches agree with the tokens the draft
