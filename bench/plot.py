@@ -149,14 +149,16 @@ def summary_mode(rows: list[dict]) -> str:
 
 
 def headline_summary(paths: list[Path]) -> Path | None:
-    """The greedy batch-1 summary with the most categories, newest among those (file names
-    carry the UTC start time); a narrower or sampled run never replaces it."""
+    """The greedy batch-1 summary with the most categories, then the most methods, newest
+    among those (file names carry the UTC start time); a narrower or sampled run, or one of
+    a few methods over every category (a focused comparison), never replaces it."""
     best, best_key = None, None
     for path in paths:
         rows = read_csv(path)
         if not rows or summary_mode(rows) != "greedy":
             continue
-        key = (len({r["category"] for r in rows}), path.name)
+        key = (len({r["category"] for r in rows}), len({r["method"] for r in rows}),
+               path.name)
         if best_key is None or key > best_key:
             best, best_key = path, key
     return best

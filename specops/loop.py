@@ -151,9 +151,9 @@ class Hybrid:
     comparison also charges the draft model that prefill (guessed from the target's),
     against the time both drafters would take to the longest row's end.
     Measured on the Qwen2.5-Coder pair (CPU, 12 prompts in 4 categories, one repetition;
-    BENCHMARKS.md): between 0.82x and 1.40x the default's tokens/s per prompt, 1.03x
-    geometric mean (0.99x in the run before), winning on math and losing on code, so it is
-    not the default.
+    BENCHMARKS.md): between 0.89x and 1.32x the default's tokens/s per prompt, 1.03x
+    geometric mean (before the prefill was charged: 0.82-1.40x, 1.03x; 0.99x in the run
+    before), winning on math, even on code, so it is not the default.
 
     Args:
         draft_model: The draft model (a Hugging Face causal LM sharing the target's

@@ -496,6 +496,9 @@ def test_plot_makes_every_figure(tmp_path, capsys):
     bench_e2e.write_summary(results / "e2e_cpu" / "e2e_20260102T000000Z_summary.csv",
                             [dict(r, sampling=True) for r in code])
     bench_e2e.write_summary(results / "e2e_cpu" / "e2e_20260103T000000Z_summary.csv", code)
+    # nor a newer one over every category with fewer methods (a focused comparison)
+    bench_e2e.write_summary(results / "e2e_cpu" / "e2e_20260104T000000Z_summary.csv",
+                            [r for r in e2e if r["method"] != "hf-assisted"])
     summaries = sorted((results / "e2e_cpu").glob("*_summary.csv"))
     assert plot.headline_summary(summaries) == headline
     assert plot.summary_mode(plot.read_csv(summaries[1])) == "sampling"
