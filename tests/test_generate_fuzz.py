@@ -53,13 +53,8 @@ def configurations(draw):
                 side=draw(st.sampled_from(["left", "right"])), options=options)
 
 
-@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "traced-graphs"])
-@settings(max_examples=25)
-@given(config=configurations())
-@example(config=dict(family="qwen2", kind="grown", min_match=2, lookup_draft=None, lens=[6, 3],
-                     prompt_seed=1, new=30, eos=None, side="left",
-                     options=dict(tree=specops.DynamicTree(5, 5, 3))))   # overflowed (687db31)
-def test_random_configurations_decode_as_the_target_does(graphs, config):
+def run(config: dict, graphs: bool = False, **sampling):
+    """``(target, rows, new tokens per row)`` of one drawn configuration."""
     target, draft_model = pair(config["family"])
     lookup = (specops.PromptLookup() if config["lookup_draft"] is None
               else specops.PromptLookup(num_draft=config["lookup_draft"]))
@@ -77,14 +72,42 @@ def test_random_configurations_decode_as_the_target_does(graphs, config):
         out = specops.generate(target, ids, attention_mask=mask, draft=draft,
                                max_new_tokens=config["new"],
                                eos_token_id=eos if eos is not None else [],
-                               cuda_graphs=True if graphs else None, **config["options"])
+                               cuda_graphs=True if graphs else None, **config["options"],
+                               **sampling)
     finally:
         if original is None:
             specops.graphs._BACKENDS.pop("cpu", None)
         else:
             specops.graphs._BACKENDS["cpu"] = original
     width = ids.shape[1]
-    for b, row in enumerate(rows):
-        ours = out.sequences[b, width:width + out.num_new_tokens[b]].tolist()
-        assert_same_or_tie(target, row, ours, hf_greedy(target, row, config["new"], eos),
-                           f"{config} row {b}")
+    return target, rows, [out.sequences[b, width:width + out.num_new_tokens[b]].tolist()
+                          for b in range(len(rows))]
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "traced-graphs"])
+@settings(max_examples=25)
+@given(config=configurations())
+@example(config=dict(family="qwen2", kind="grown", min_match=2, lookup_draft=None, lens=[6, 3],
+                     prompt_seed=1, new=30, eos=None, side="left",
+                     options=dict(tree=specops.DynamicTree(5, 5, 3))))   # overflowed (687db31)
+def test_random_configurations_decode_as_the_target_does(graphs, config):
+    target, rows, outputs = run(config, graphs)
+    for b, (row, ours) in enumerate(zip(rows, outputs)):
+        assert_same_or_tie(target, row, ours, hf_greedy(target, row, config["new"],
+                                                         config["eos"]), f"{config} row {b}")
+
+
+@settings(max_examples=20)
+@given(config=configurations(), temperature=st.sampled_from([0.5, 1.0, 3.0]),
+       seed=st.integers(0, 2 ** 40), cut=st.sampled_from(["top_k", "top_p"]))
+def test_sampling_a_point_mass_decodes_as_the_target_does(config, temperature, seed, cut):
+    """Sampling with ``top_k=1`` (or a ``top_p`` that keeps one token) leaves the target a
+    point mass on its greedy token, so every sampled path (chain and tree verification with
+    the draft's real distribution, sampled static-tree children, lookup's point masses) must
+    emit the greedy tokens: a random configuration's output equals greedy decoding, or
+    differs first at a numerical tie (where the warper keeps both tied tokens)."""
+    sampling = dict(top_k=1) if cut == "top_k" else dict(top_p=1e-9)
+    target, rows, outputs = run(config, temperature=temperature, seed=seed, **sampling)
+    for b, (row, ours) in enumerate(zip(rows, outputs)):
+        assert_same_or_tie(target, row, ours, hf_greedy(target, row, config["new"],
+                                                         config["eos"]), f"{config} row {b}")
