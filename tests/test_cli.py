@@ -119,7 +119,7 @@ def test_a_warm_up_call_comes_first_unless_skipped(folders, capsys, monkeypatch)
     assert code == 0, err
     assert [c[1] for c in calls] == [2, 8] and calls[0][0] == calls[1][0]
     assert calls[0][2] > 0 and calls[1][2] == 0
-    assert json.loads(out)["warmup_seconds"] > 0 and "specops: warm-up" in err
+    assert json.loads(out)["warmup_seconds"] > 0 and "specops: untimed warm-up call" in err
     calls.clear()
     code, out, err = run(capsys, *base(folders), "--json", "--no-warmup")
     assert code == 0, err
