@@ -20,11 +20,14 @@ from test_graphs_traced import TracedGraphs
 MODELS = {}
 
 
-def pair(family: str):
-    if family not in MODELS:
+def pair(family: str, device: str = "cpu"):
+    """The family's tiny target and noisy-copy draft on ``device`` (built on the CPU, whose
+    random draws make the copy's noise, then moved)."""
+    if (family, device) not in MODELS:
         target = tiny_model(family, seed=3)
-        MODELS[family] = target, noisy_copy(target, noise=0.1)
-    return MODELS[family]
+        draft = noisy_copy(target, noise=0.1)
+        MODELS[family, device] = target.to(device), draft.to(device)
+    return MODELS[family, device]
 
 
 @st.composite
@@ -53,9 +56,10 @@ def configurations(draw):
                 side=draw(st.sampled_from(["left", "right"])), options=options)
 
 
-def run(config: dict, graphs: bool = False, **sampling):
-    """``(target, rows, new tokens per row)`` of one drawn configuration."""
-    target, draft_model = pair(config["family"])
+def run(config: dict, graphs: bool = False, device: str = "cpu", **sampling):
+    """``(target, rows, new tokens per row)`` of one drawn configuration; ``graphs``: the
+    loop's graph path, through the traced stand-in on the CPU, CUDA graphs on CUDA."""
+    target, draft_model = pair(config["family"], device)
     lookup = (specops.PromptLookup() if config["lookup_draft"] is None
               else specops.PromptLookup(num_draft=config["lookup_draft"]))
     draft = {"chain": draft_model, "lookup": lookup, "grown": draft_model,
@@ -64,15 +68,16 @@ def run(config: dict, graphs: bool = False, **sampling):
              "hybrid-compare": specops.Hybrid(draft_model, compare=True)}[config["kind"]]
     rows = prompts(target.config.vocab_size, config["lens"], seed=config["prompt_seed"])
     ids, mask = padded(rows, config["side"])
+    ids, mask = ids.to(device), mask.to(device)
     eos = config["eos"]
     original = specops.graphs._BACKENDS.get("cpu")
-    if graphs:
+    if graphs and device == "cpu":
         specops.graphs._BACKENDS["cpu"] = TracedGraphs
     try:
         out = specops.generate(target, ids, attention_mask=mask, draft=draft,
                                max_new_tokens=config["new"],
                                eos_token_id=eos if eos is not None else [],
-                               cuda_graphs=True if graphs else None, **config["options"],
+                               cuda_graphs=graphs, **config["options"],
                                **sampling)
     finally:
         if original is None:

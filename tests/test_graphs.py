@@ -4,9 +4,11 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
 
 import specops
 from loop_models import assert_same_or_tie, hf_greedy, prompts, tiny_pair
+from test_generate_fuzz import configurations, run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -43,6 +45,17 @@ def test_graph_replay_equals_eager(options):
     runs = [specops.generate(target, ids, max_new_tokens=24, eos_token_id=[],
                              cuda_graphs=graphs, **options) for graphs in (False, True)]
     assert torch.equal(runs[0].sequences, runs[1].sequences)
+
+
+@settings(max_examples=10, deadline=None)
+@given(config=configurations())
+def test_random_configurations_replay_as_eager(config):
+    """CUDA-graph replay gives eager decoding's tokens over hypothesis-drawn configurations
+    (``test_generate_fuzz``: drafter, fixed or cost-aware lengths, tree shapes, batch,
+    padding, ``max_new_tokens``, EOS), which the CPU checks through a traced stand-in only."""
+    eager = run(config, graphs=False, device="cuda")[2]
+    graphed = run(config, graphs=True, device="cuda")[2]
+    assert graphed == eager, config
 
 
 def test_graphs_capture_with_full_checks():
