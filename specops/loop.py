@@ -1161,8 +1161,10 @@ class _Run:
         if not self.gen.stop_strings:
             return False
         new = self.rows[b][self.prompt_lens[b]:]
-        longest = max(len(s) for s in self.gen.stop_strings)
-        # a stop string of n characters spans at most n tokens, plus one partial on each side
+        # a stop string of n UTF-8 bytes spans at most n tokens (a byte-level token holds at
+        # least one byte; a character outside a tokenizer's merges takes one token per
+        # byte, up to 4), plus one partial token on each side
+        longest = max(len(s.encode("utf-8")) for s in self.gen.stop_strings)
         text = self.gen.tokenizer.decode(new[-(longest + 2):])
         return any(s in text for s in self.gen.stop_strings)
 

@@ -186,6 +186,32 @@ def test_bad_input_is_refused_clearly(bad, error, words):
         specops.generate(target, args.pop("input_ids"), **args)
 
 
+@pytest.mark.parametrize("stop", ["\U00013000", "a\u00e9", "xyz"])
+def test_a_stop_string_is_found_when_its_characters_take_a_token_per_byte(stop):
+    """With a tokenizer of one token per byte (the worst case of byte-level BPE, for
+    characters outside its merges) a stop string is found at the token that completes it,
+    however many bytes its characters take (the 1-character U+13000 takes 4 tokens)."""
+    from types import SimpleNamespace
+
+    from specops.loop import _Run
+
+    class ByteTokenizer:
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    before, after = list("some text ".encode()), list(" and more".encode())
+    tokens = before + list(stop.encode()) + after
+    run = SimpleNamespace(gen=SimpleNamespace(stop_strings=[stop], tokenizer=ByteTokenizer()),
+                          rows=[[7, 8]], prompt_lens=[2])
+    found = None
+    for i, token in enumerate(tokens):
+        run.rows[0].append(token)
+        if _Run._stopped(run, 0):
+            found = i
+            break
+    assert found == len(before) + len(stop.encode()) - 1, (stop, found)
+
+
 def test_a_hugging_face_streamer_is_fed_as_hugging_face_feeds_it():
     """A ``transformers`` streamer (``put``/``end``) gets the prompt, then the new tokens,
     then ``end()``: the same token stream as Hugging Face's greedy ``generate`` gives it."""
