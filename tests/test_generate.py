@@ -212,9 +212,9 @@ def test_a_stop_string_is_found_when_its_characters_take_a_token_per_byte(stop):
     assert found == len(before) + len(stop.encode()) - 1, (stop, found)
 
 
-def test_a_hugging_face_streamer_is_fed_as_hugging_face_feeds_it():
-    """A ``transformers`` streamer (``put``/``end``) gets the prompt, then the new tokens,
-    then ``end()``: the same token stream as Hugging Face's greedy ``generate`` gives it."""
+def recording_streamer():
+    """A ``transformers`` streamer that records what it is fed: ``puts`` (as lists) and the
+    number of ``end()`` calls."""
     from transformers.generation.streamers import BaseStreamer
 
     class Recorder(BaseStreamer):
@@ -226,10 +226,15 @@ def test_a_hugging_face_streamer_is_fed_as_hugging_face_feeds_it():
 
         def end(self):
             self.ends += 1
+    return Recorder()
 
+
+def test_a_hugging_face_streamer_is_fed_as_hugging_face_feeds_it():
+    """A ``transformers`` streamer (``put``/``end``) gets the prompt, then the new tokens,
+    then ``end()``: the same token stream as Hugging Face's greedy ``generate`` gives it."""
     target = tiny_model("qwen2", seed=5)
     ids = torch.tensor([prompts(64, [5], seed=6)[0]])
-    ours, theirs = Recorder(), Recorder()
+    ours, theirs = recording_streamer(), recording_streamer()
     out = specops.generate(target, ids, draft=noisy_copy(target, noise=0.1), num_draft_tokens=3,
                            max_new_tokens=9, eos_token_id=[], streamer=ours)
     target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=9, do_sample=False,
@@ -243,20 +248,8 @@ def test_a_hugging_face_streamer_is_fed_as_hugging_face_feeds_it():
 
 
 def test_a_streamer_that_cannot_take_the_tokens_is_refused_before_any_work():
-    from transformers.generation.streamers import BaseStreamer
-
-    class Recorder(BaseStreamer):
-        def __init__(self):
-            self.puts = []
-
-        def put(self, value):
-            self.puts.append(value)
-
-        def end(self):
-            pass
-
     target = tiny_model("qwen2", seed=5)
-    recorder = Recorder()
+    recorder = recording_streamer()
     with pytest.raises(ValueError, match="one row"):
         specops.generate(target, torch.tensor([[2, 3], [4, 5]]), max_new_tokens=2,
                          streamer=recorder)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import specops
 import specops.graphs
-from loop_models import EOS, assert_same_or_tie, hf_greedy, noisy_copy, padded, prompts, tiny_model
+from loop_models import EOS, assert_same_or_tie, hf_greedy, padded, prompts, tiny_pair
 from test_graphs_traced import TracedGraphs
 
 MODELS = {}
@@ -24,9 +24,7 @@ def pair(family: str, device: str = "cpu"):
     """The family's tiny target and noisy-copy draft on ``device`` (built on the CPU, whose
     random draws make the copy's noise, then moved)."""
     if (family, device) not in MODELS:
-        target = tiny_model(family, seed=3)
-        draft = noisy_copy(target, noise=0.1)
-        MODELS[family, device] = target.to(device), draft.to(device)
+        MODELS[family, device] = tuple(model.to(device) for model in tiny_pair(family))
     return MODELS[family, device]
 
 
