@@ -174,14 +174,27 @@ class DraftRunner:
             graphed = self._graphed[kind] = GraphedStep(fn, device=self.device)
         return graphed(*inputs)
 
-    def _feed_columns(self, new: list[list[int]], width: int | None = None
-                      ) -> list[list[int]]:
-        """Per row the feed's host inputs (:meth:`_feed_on_device`): its cached length, the
-        index of its last new token, then the new tokens, padded with 0 to ``width``
-        (default: the longest)."""
+    def _feed_columns(self, new: list[list[int]], width: int | None = None,
+                      rows: list[list[int]] | None = None) -> list[list[int]]:
+        """Per row the feed's host inputs (:meth:`_feed_on_device`): the slot it starts at,
+        the index of its last new token, then ``width`` tokens (default: the longest
+        ``new``). With ``rows`` (each row's tokens, ``new[b]`` their tail), a row whose new
+        tokens are fewer than ``width`` starts earlier and feeds its cached tokens again
+        before them (the same keys and values at the same slots), so that every row's
+        writes end at its own length, inside the cache however long another row's backlog
+        (a right-padded block wrote past a short backlog's row, beyond the cache's end when
+        another row had a long backlog near the end of a call); only a row shorter than
+        ``width`` is padded with 0 after its tokens."""
         width = width or max(len(n) for n in new)
-        return [[c, max(len(n), 1) - 1] + [min(t, self.max_token) for t in n]
-                + [0] * (width - len(n)) for c, n in zip(self.cached, new)]
+        columns = []
+        for c, n, row in zip(self.cached, new, rows or [None] * len(new)):
+            end = c + len(n)
+            start = max(0, end - width) if row is not None else c
+            tokens = (row[start:end] if row is not None else n)
+            columns.append([start, max(end - start, 1) - 1]
+                           + [min(t, self.max_token) for t in tokens]
+                           + [0] * (width - len(tokens)))
+        return columns
 
     def _feed_on_device(self, feed: Tensor, prefill: bool = False) -> Tensor:
         """Feeds each row's new tokens at slots ``cached[b]...``; ``feed``: Shape ``(B, 2 +
@@ -239,7 +252,7 @@ class DraftRunner:
         width = self._feed_width(new)
         host = [[seed, len(row), c + len(n), len(f)] + f + [0] * (num_draft - len(f)) + feed
                 for seed, row, c, n, f, feed in zip(seeds, rows, self.cached, new, forced,
-                                                    self._feed_columns(new, width))]
+                                                    self._feed_columns(new, width, rows))]
         inputs = rows_to_device(host, self.device)        # the draft phase's one copy
         # one graph per feed width, whatever the draft length: the forced tokens stay out
         first, slot0 = self._run(("chain",), self._chain_start, width, inputs[:, :4],
@@ -290,7 +303,7 @@ class DraftRunner:
         width = self._feed_width(new)
         seed_columns = [[seed] for seed in seeds] if seeds is not None else [[] for _ in rows]
         host = [[row[-1]] + seed + feed for row, seed, feed
-                in zip(rows, seed_columns, self._feed_columns(new, width))]
+                in zip(rows, seed_columns, self._feed_columns(new, width, rows))]
         inputs = rows_to_device(host, self.device)
         self.cached = [len(r) for r in rows]
         return inputs, width

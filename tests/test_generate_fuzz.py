@@ -93,6 +93,9 @@ def run(config: dict, graphs: bool = False, device: str = "cpu", **sampling):
 @example(config=dict(family="qwen2", kind="grown", min_match=2, lookup_draft=None, lens=[6, 3],
                      prompt_seed=1, new=30, eos=None, side="left",
                      options=dict(tree=specops.DynamicTree(5, 5, 3))))   # overflowed (687db31)
+@example(config=dict(family="llama", kind="hybrid", min_match=1, lookup_draft=None,
+                     lens=[3, 5, 5], prompt_seed=374, new=34, eos=None, side="left",
+                     options=dict(num_draft_tokens=2)))   # a padded catch-up overflowed
 def test_random_configurations_decode_as_the_target_does(graphs, config):
     target, rows, outputs = run(config, graphs)
     for b, (row, ours) in enumerate(zip(rows, outputs)):
