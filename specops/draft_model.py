@@ -5,16 +5,18 @@ The loop keeps every row's committed tokens on the host (``rows[b]``, prompt + g
 the last one being the *root*, the last committed token). The draft cache holds the first
 ``cached[b]`` of them. Rather than predicting how many entries survive each step, the
 runner *catches up* when it next runs: it feeds ``rows[b][cached[b]:]`` (the root and
-anything accepted since) as one right-padded block of shape ``(B, max backlog)``. Pad
-entries write junk keys/values past a row's length, which nothing attends to and the next
-write overwrites. This one mechanism covers a chain's bonus token after a full acceptance,
+anything accepted since) as one block of shape ``(B, max backlog)``: a row with a shorter
+backlog starts earlier and feeds some of its cached tokens again (the same keys/values at
+the same slots), so that every row's writes end at its own length (only a row shorter than
+the block is padded after its tokens, with junk entries that nothing attends to and the next
+write overwrites). This one mechanism covers a chain's bonus token after a full acceptance,
 a tree's accepted path (the tree's own draft entries are not in path order, so they are
 simply dropped) and steps where the hybrid drafter skipped the model.
 
 With device graphs a drafting phase is one host-to-device copy and a few graph replays: the
-catch-up feed is padded to one of :data:`FEED_WIDTHS` (the pads, like a shorter row's, write
-junk past the row's length) and replayed from a graph per width, together with what follows
-it: a chain's first pick, or a whole tree's growth (every round of :meth:`grow_tree`, every
+catch-up feed is widened to one of :data:`FEED_WIDTHS` (more cached tokens fed again, pads
+after a row shorter than the width) and replayed from a graph per width, together with
+what follows it: a chain's first pick, or a whole tree's growth (every round of :meth:`grow_tree`, every
 level of :meth:`static_tree`). Longer catch-ups (after a run of plain or prompt-lookup steps)
 run eagerly: rare, and a graph per length would never be replayed.
 """
