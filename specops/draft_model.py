@@ -16,9 +16,10 @@ simply dropped) and steps where the hybrid drafter skipped the model.
 With device graphs a drafting phase is one host-to-device copy and a few graph replays: the
 catch-up feed is widened to one of :data:`FEED_WIDTHS` (more cached tokens fed again, pads
 after a row shorter than the width) and replayed from a graph per width, together with
-what follows it: a chain's first pick, or a whole tree's growth (every round of :meth:`grow_tree`, every
-level of :meth:`static_tree`). Longer catch-ups (after a run of plain or prompt-lookup steps)
-run eagerly: rare, and a graph per length would never be replayed.
+what follows it: a chain's first pick, or a whole tree's growth (every round of
+:meth:`grow_tree`, every level of :meth:`static_tree`). Longer catch-ups (after a run of
+plain or prompt-lookup steps) run eagerly: rare, and a graph per length would never be
+replayed.
 """
 
 from collections.abc import Callable
