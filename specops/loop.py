@@ -214,7 +214,12 @@ class SpeculativeGenerator:
         tree: None (chains), a :class:`DynamicTree` or a :class:`StaticTree` (both need a
             draft model).
         temperature, top_k, top_p: as Hugging Face's warpers; ``temperature=0`` is greedy.
-        seed: row ``b`` uses seed ``seed + b`` (Philox, contract "randomness").
+        seed: row ``b`` uses seed ``seed + b`` (Philox, contract "randomness"). At a fixed
+            draft length (or a tree that is not adaptive) a row's tokens are those it gets
+            alone with ``seed + b``, whatever the other rows' progress, up to floating-point
+            differences between a batched and a one-row forward; the cost-aware choices and
+            a :class:`Hybrid`'s choice of drafter look at the whole batch, so with them a
+            row's tokens (equally distributed) can differ.
         eos_token_id: an id or a list of ids ending a row (default: the target's config).
         stop_strings: strings ending a row once its new text contains one (needs
             ``tokenizer``); the token completing it is kept.
@@ -962,7 +967,13 @@ class _Run:
         looked = [proposal[:num_draft] for proposal in looked]
         use_model = [kind == "model" and num_draft > 0 and not self.done[b]
                      and len(looked[b]) < gen.min_match for b in range(batch)]
-        lens = [num_draft if use_model[b] else len(looked[b]) for b in range(batch)]
+        # a row drafts at most one token fewer than its own budget has left, so that the
+        # token ending its budget is the step's sampled one, as when the row runs alone: its
+        # tokens do not depend on how far the batch's other rows are (batch invariance at a
+        # fixed draft length; num_draft is already cut to the furthest row's budget)
+        room = [0 if self.done[b] else self._remaining(b) - 1 for b in range(batch)]
+        lens = [min(num_draft if use_model[b] else len(looked[b]), room[b])
+                for b in range(batch)]
         if not any(use_model):
             return None, None, lens, use_model
         # rows that use their lookup tokens take them in place of the model's, as point
