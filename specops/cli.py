@@ -140,6 +140,17 @@ def check_options(args: argparse.Namespace) -> dict:
                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, compile=args.compile)
 
 
+def check_device(name: str) -> str:
+    """``name`` if torch can put a tensor there; else a :class:`CliError` with torch's reason
+    (a misspelt device type, a CPU-only torch build asked for ``cuda``, a GPU index past the
+    last), before any model is loaded."""
+    try:
+        torch.empty(1, device=torch.device(name))
+    except Exception as err:   # RuntimeError, or AssertionError from a CPU-only build
+        raise CliError(f"--device {name!r} cannot be used here: {err}")
+    return name
+
+
 def read_prompt(args: argparse.Namespace) -> str:
     if args.prompt is not None:
         prompt = args.prompt
@@ -290,7 +301,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     options = check_options(args)
     prompt = read_prompt(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     draft_name = args.draft or "default-draft"
     wants_model = not args.prompt_lookup and draft_name.lower() != "none"
 

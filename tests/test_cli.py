@@ -209,6 +209,8 @@ def test_stream_holds_back_a_split_character():
     (["--prompt-lookup", "--hybrid"], "not allowed with argument"),
     (["--draft-dtype", "float8"], "invalid choice"),
     (["--no-such-option"], "unrecognized arguments"),
+    (["--device", "nonsense"], "--device 'nonsense' cannot be used here"),
+    (["--device", "cuda:99"], "--device 'cuda:99' cannot be used here"),   # no GPU 99 anywhere
 ])
 def test_bad_options_exit_2_with_a_message(folders, capsys, bad, message):
     code, out, err = run(capsys, *base(folders), *bad)
