@@ -221,7 +221,7 @@ class SpeculativeGenerator:
             a :class:`Hybrid`'s choice of drafter look at the whole batch, so with them a
             row's tokens (equally distributed) can differ.
         eos_token_id: an id or a list of ids ending a row (default: the target's config).
-        stop_strings: strings ending a row once its new text contains one (needs
+        stop_strings: a string, or strings, ending a row once its new text contains one (needs
             ``tokenizer``); the token completing it is kept.
         tokenizer, draft_tokenizer: when both are given, their vocabularies must match.
         pad_token_id: fills ``sequences`` after a row's end.
@@ -276,8 +276,9 @@ class SpeculativeGenerator:
                  tree: DynamicTree | StaticTree | None = None,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  eos_token_id: int | Sequence[int] | None = None,
-                 stop_strings: Sequence[str] | None = None, tokenizer=None, draft_tokenizer=None,
-                 pad_token_id: int | None = None, cuda_graphs: bool | None = None,
+                 stop_strings: str | Sequence[str] | None = None, tokenizer=None,
+                 draft_tokenizer=None, pad_token_id: int | None = None,
+                 cuda_graphs: bool | None = None,
                  compile: bool = False):
         self.target = causal_lm(target)
         self.lookup: Proposer | None = None
@@ -309,6 +310,12 @@ class SpeculativeGenerator:
             raise ValueError(f"max_draft_tokens must be None or >= 0, got {max_draft_tokens}")
         if num_draft_tokens is not None and not 0 <= num_draft_tokens <= 64:
             raise ValueError(f"num_draft_tokens must be None or in 0..64, got {num_draft_tokens}")
+        if isinstance(stop_strings, str):            # one string, as Hugging Face takes it
+            stop_strings = [stop_strings]
+        stop_strings = list(stop_strings or [])
+        if not all(isinstance(s, str) and s for s in stop_strings):
+            raise ValueError(f"stop_strings must be non-empty strings (an empty one would end "
+                             f"every row at its first token), got {stop_strings!r}")
         if stop_strings and tokenizer is None:
             raise ValueError("stop_strings need the tokenizer (tokenizer=...)")
         self.tree = tree
@@ -327,7 +334,7 @@ class SpeculativeGenerator:
         config = target.config
         eos = eos_token_id if eos_token_id is not None else config.eos_token_id
         self.eos = set([eos] if isinstance(eos, int) else (eos or []))
-        self.stop_strings = list(stop_strings or [])
+        self.stop_strings = stop_strings
         self.tokenizer = tokenizer
         if pad_token_id is None:
             pad_token_id = getattr(config, "pad_token_id", None)
@@ -1194,7 +1201,7 @@ def generate(target: torch.nn.Module, input_ids: Tensor, *, draft=None,
              num_draft_tokens: int | None = None, tree: DynamicTree | StaticTree | None = None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              eos_token_id: int | Sequence[int] | None = None,
-             stop_strings: Sequence[str] | None = None, tokenizer=None,
+             stop_strings: str | Sequence[str] | None = None, tokenizer=None,
              streamer: Callable[[list[list[int]]], None] | None = None,
              max_draft_tokens: int | None = None, cuda_graphs: bool | None = None,
              compile: bool = False, **unsupported) -> GenerationOutput:

@@ -104,7 +104,10 @@ class CharTokenizer:
         return "".join(chr(97 + i % 26) for i in ids)
 
 
-def test_stop_strings_and_streamer():
+@pytest.mark.parametrize("as_list", [True, False], ids=["list", "one-string"])
+def test_stop_strings_and_streamer(as_list):
+    """A stop string given alone (as Hugging Face takes it) is one string, not its
+    characters: a two-letter stop must not end a row at its first letter."""
     target = tiny_model("qwen2", seed=8)
     row = prompts(64, [4], seed=5)[0]
     reference = hf_greedy(target, row, 30)
@@ -113,7 +116,8 @@ def test_stop_strings_and_streamer():
     end = text.index(stop) + len(stop)          # the token completing the stop string
     streamed: list[int] = []
     out = specops.generate(target, torch.tensor([row]), draft=target, num_draft_tokens=4,
-                           max_new_tokens=30, eos_token_id=[], stop_strings=[stop],
+                           max_new_tokens=30, eos_token_id=[],
+                           stop_strings=[stop] if as_list else stop,
                            tokenizer=CharTokenizer(),
                            streamer=lambda new: streamed.extend(new[0]))
     assert out.sequences[0, 4:4 + end].tolist() == reference[:end]
@@ -169,6 +173,8 @@ def test_tree_stats_count_positions_down_to_each_trees_depth(pair):
     (dict(draft="lookup", tree=specops.DynamicTree()), ValueError, "tree"),
     (dict(draft="other-tokenizer"), ValueError, "tokenizer"),
     (dict(draft="meta"), ValueError, "device"),
+    (dict(stop_strings=["end", ""]), ValueError, "non-empty strings"),
+    (dict(stop_strings=[7]), ValueError, "non-empty strings"),
 ])
 def test_bad_input_is_refused_clearly(bad, error, words):
     target = tiny_model("qwen2", seed=9)
