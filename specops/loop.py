@@ -220,7 +220,8 @@ class SpeculativeGenerator:
             differences between a batched and a one-row forward; the cost-aware choices and
             a :class:`Hybrid`'s choice of drafter look at the whole batch, so with them a
             row's tokens (equally distributed) can differ.
-        eos_token_id: an id or a list of ids ending a row (default: the target's config).
+        eos_token_id: an id or a list of ids ending a row (default: the target's config); a
+            tensor of ids works too.
         stop_strings: a string, or strings, ending a row once its new text contains one (needs
             ``tokenizer``); the token completing it is kept.
         tokenizer, draft_tokenizer: when both are given, their vocabularies must match.
@@ -332,8 +333,8 @@ class SpeculativeGenerator:
         self.temperature, self.top_k, self.top_p = float(temperature), int(top_k), float(top_p)
         self.seed = _check_seed(seed)
         config = target.config
-        eos = eos_token_id if eos_token_id is not None else config.eos_token_id
-        self.eos = set([eos] if isinstance(eos, int) else (eos or []))
+        self.eos = _token_ids("eos_token_id", eos_token_id if eos_token_id is not None
+                              else config.eos_token_id)
         self.stop_strings = stop_strings
         self.tokenizer = tokenizer
         if pad_token_id is None:
@@ -492,6 +493,20 @@ def _stream_to(streamer, input_ids: Tensor) -> tuple[Callable | None, Callable |
         if new_per_row[0]:
             streamer.put(torch.tensor([new_per_row[0]], dtype=torch.int64))
     return put, streamer.end
+
+
+def _token_ids(name: str, ids) -> set[int]:
+    """``ids`` (None, an int, a list or tuple of ints, or a tensor or array of them, as Hugging
+    Face takes ``eos_token_id``) as a set of ints. A tensor is read as its values: kept as
+    tensors, its ids would never equal a generated token and the rows would not end."""
+    if hasattr(ids, "tolist"):                          # torch and numpy tensors and scalars
+        ids = ids.tolist()
+    values = list(ids) if isinstance(ids, (list, tuple, set, frozenset)) else (
+        [] if ids is None else [ids])
+    for value in values:
+        if isinstance(value, bool) or not hasattr(value, "__index__"):
+            raise TypeError(f"{name} must be an id or a list of ids (ints), got {ids!r}")
+    return {int(value) for value in values}
 
 
 def _check_seed(seed) -> int:

@@ -68,6 +68,21 @@ def test_eos_and_max_new_tokens_inside_an_accepted_draft():
         assert out.sequences[0, 4:].tolist() == reference[:limit]
 
 
+@pytest.mark.parametrize("form", ["int", "list", "tensor", "1-d tensor", "numpy"])
+def test_eos_may_be_given_as_hugging_face_takes_it(form):
+    """An EOS id as an int, a list, a 0-d or 1-d tensor or a numpy integer ends the row at the
+    same token (a tensor kept as such never equalled a generated id: the row ran on)."""
+    target = tiny_model("qwen2", seed=5)
+    row = prompts(64, [4], seed=2)[0]
+    reference = hf_greedy(target, row, 20)
+    eos = reference[6]
+    given = {"int": eos, "list": [eos], "tensor": torch.tensor(eos),
+             "1-d tensor": torch.tensor([eos, 63]), "numpy": np.int64(eos)}[form]
+    out = specops.generate(target, torch.tensor([row]), draft=target, num_draft_tokens=4,
+                           max_new_tokens=20, eos_token_id=given)
+    assert out.num_new_tokens == [reference.index(eos) + 1]
+
+
 def test_rows_end_independently():
     target = tiny_model("llama", seed=6)
     rows = prompts(64, [3, 7], seed=3)
@@ -175,6 +190,8 @@ def test_tree_stats_count_positions_down_to_each_trees_depth(pair):
     (dict(draft="meta"), ValueError, "device"),
     (dict(stop_strings=["end", ""]), ValueError, "non-empty strings"),
     (dict(stop_strings=[7]), ValueError, "non-empty strings"),
+    (dict(eos_token_id=[1.5]), TypeError, "eos_token_id must be an id"),
+    (dict(eos_token_id="</s>"), TypeError, "eos_token_id must be an id"),
 ])
 def test_bad_input_is_refused_clearly(bad, error, words):
     target = tiny_model("qwen2", seed=9)
