@@ -307,10 +307,10 @@ class SpeculativeGenerator:
             raise ValueError(f"top_k must be an integer >= 0, got {top_k}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if max_draft_tokens is not None and max_draft_tokens < 0:
-            raise ValueError(f"max_draft_tokens must be None or >= 0, got {max_draft_tokens}")
-        if num_draft_tokens is not None and not 0 <= num_draft_tokens <= 64:
-            raise ValueError(f"num_draft_tokens must be None or in 0..64, got {num_draft_tokens}")
+        if max_draft_tokens is not None:
+            max_draft_tokens = _integer("max_draft_tokens", max_draft_tokens, 0)
+        if num_draft_tokens is not None:
+            num_draft_tokens = _integer("num_draft_tokens", num_draft_tokens, 0, 64)
         if isinstance(stop_strings, str):            # one string, as Hugging Face takes it
             stop_strings = [stop_strings]
         stop_strings = list(stop_strings or [])
@@ -432,8 +432,7 @@ class SpeculativeGenerator:
         """Generates up to ``max_new_tokens`` per row; see :func:`specops.generate`."""
         _refuse(unsupported)
         rows = self._rows(input_ids, attention_mask)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        max_new_tokens = _integer("max_new_tokens", max_new_tokens, 0)
         limit = getattr(self.target.config, "max_position_embeddings", None)
         longest = max(len(r) for r in rows)
         if limit is not None and longest + max_new_tokens > limit:
@@ -493,6 +492,19 @@ def _stream_to(streamer, input_ids: Tensor) -> tuple[Callable | None, Callable |
         if new_per_row[0]:
             streamer.put(torch.tensor([new_per_row[0]], dtype=torch.int64))
     return put, streamer.end
+
+
+def _integer(name: str, value, low: int, high: int | None = None) -> int:
+    """``value`` as an int in ``low..high`` (no upper bound: None): a TypeError for what is
+    not an integer (a float, a bool; numpy integers and 0-d integer tensors are), a ValueError
+    outside the range."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+    return value
 
 
 def _token_ids(name: str, ids) -> set[int]:

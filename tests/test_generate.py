@@ -78,8 +78,9 @@ def test_eos_may_be_given_as_hugging_face_takes_it(form):
     eos = reference[6]
     given = {"int": eos, "list": [eos], "tensor": torch.tensor(eos),
              "1-d tensor": torch.tensor([eos, 63]), "numpy": np.int64(eos)}[form]
-    out = specops.generate(target, torch.tensor([row]), draft=target, num_draft_tokens=4,
-                           max_new_tokens=20, eos_token_id=given)
+    out = specops.generate(target, torch.tensor([row]), draft=target,
+                           num_draft_tokens=np.int64(4), max_new_tokens=torch.tensor(20),
+                           eos_token_id=given)   # (and numpy or tensor counts)
     assert out.num_new_tokens == [reference.index(eos) + 1]
 
 
@@ -174,6 +175,10 @@ def test_tree_stats_count_positions_down_to_each_trees_depth(pair):
     (dict(input_ids=torch.tensor([[2.0, 3.0, 4.0]])), TypeError, "input_ids"),
     (dict(max_new_tokens=300), ValueError, "max_position_embeddings"),
     (dict(max_new_tokens=-1), ValueError, "max_new_tokens"),
+    (dict(max_new_tokens=4.0), TypeError, "max_new_tokens must be an integer"),
+    (dict(num_draft_tokens=2.5), TypeError, "num_draft_tokens must be an integer"),
+    (dict(num_draft_tokens=65), ValueError, "num_draft_tokens must be in 0..64"),
+    (dict(max_draft_tokens=-1), ValueError, "max_draft_tokens must be >= 0"),
     (dict(temperature=-1.0), ValueError, "temperature"),
     (dict(temperature=float("nan")), ValueError, "temperature"),
     (dict(top_p=0.0), ValueError, "top_p"),
