@@ -62,7 +62,8 @@ class Proposer(Protocol):
     last one is the root) and returns, per row, at most ``num_draft`` proposed next tokens
     (``[]`` for none). Proposals are verified as deterministic drafts (``draft_probs=None``),
     which keeps the output exact however they were chosen. The loop times the call and
-    feeds that cost to the draft-length controller.
+    feeds that cost to the draft-length controller. A result that is not one list of token
+    ids (ints in the target's vocabulary) per row ends the call with a ValueError.
     """
 
     def propose(self, rows: list[list[int]], num_draft: int) -> list[list[int]]: ...
@@ -830,7 +831,7 @@ class _Run:
         where the lookup is not used), and the matches not used (``[]`` elsewhere)."""
         gen, batch = self.gen, self.batch
         active = [b for b in range(batch) if not self.done[b]]
-        looked = (gen.lookup.propose(self.rows, gen.max_draft["lookup"])
+        looked = (self._checked(gen.lookup.propose(self.rows, gen.max_draft["lookup"]))
                   if gen.lookup is not None else [[] for _ in range(batch)])
         matched = [b for b in active if len(looked[b]) >= gen.min_match]
         unused = [[] for _ in range(batch)]
@@ -850,6 +851,27 @@ class _Run:
         # drafting past every active row's budget only wastes work
         room = max(self._remaining(b) for b in active) - 1
         return kind, max(0, min(length, room)), looked, unused
+
+    def _checked(self, proposals) -> list[list[int]]:
+        """A proposer's output (:class:`Proposer`) as lists of ints, or a ValueError that says
+        what is wrong with it: a row per batch row, ids in the target's vocabulary (a
+        custom proposer's bad id would otherwise fail deep in the target's embedding)."""
+        vocab = self.gen.target.vocab_size
+        name = type(self.gen.lookup).__name__
+        if not isinstance(proposals, (list, tuple)) or len(proposals) != self.batch:
+            raise ValueError(f"{name}.propose must return one list of tokens per row "
+                             f"({self.batch}), got {proposals!r:.200}")
+        if type(self.gen.lookup) is PromptLookup:   # copies of the rows' own tokens
+            return proposals
+        checked = []
+        for b, proposal in enumerate(proposals):
+            ints = isinstance(proposal, (list, tuple)) and all(
+                hasattr(t, "__index__") and not isinstance(t, bool) for t in proposal)
+            if not ints or any(not 0 <= int(t) < vocab for t in proposal):
+                raise ValueError(f"{name}.propose gave row {b} tokens that are not ids in "
+                                 f"0..{vocab - 1}: {proposal!r:.200}")
+            checked.append([int(t) for t in proposal])
+        return checked
 
     def _lookup_pays(self, looked: list[list[int]], matched: list[int]) -> bool:
         """A :class:`Hybrid`'s choice (its docstring): whether this step uses the lookup's

@@ -286,6 +286,36 @@ def test_a_streamer_that_cannot_take_the_tokens_is_refused_before_any_work():
         specops.generate(target, torch.tensor([[2, 3]]), max_new_tokens=2, streamer=object())
 
 
+class FixedProposer:
+    """A custom drafter proposing ``proposal(rows)``."""
+
+    def __init__(self, proposal):
+        self.proposal = proposal
+
+    def propose(self, rows, num_draft):
+        return self.proposal(rows)
+
+
+@pytest.mark.parametrize("proposal, words", [
+    (lambda rows: [[70, 2]] * len(rows), r"gave row 0 tokens that are not ids in 0\.\.63"),
+    (lambda rows: [[2, -1]] * len(rows), "gave row 0 tokens that are not ids"),
+    (lambda rows: [["a"]] * len(rows), "gave row 0 tokens that are not ids"),
+    (lambda rows: [[2.0]] * len(rows), "gave row 0 tokens that are not ids"),
+    (lambda rows: [[2]], r"must return one list of tokens per row \(2\)"),
+    (lambda rows: None, "must return one list of tokens per row"),
+])
+def test_a_custom_proposers_bad_tokens_are_refused_clearly(proposal, words):
+    target = tiny_model("qwen2", seed=9)
+    with pytest.raises(ValueError, match=words):
+        specops.generate(target, torch.tensor([[2, 3, 4], [4, 3, 2]]), max_new_tokens=4,
+                         draft=FixedProposer(proposal), num_draft_tokens=2)
+    # good proposals of any int type run (a numpy id as a Python int)
+    out = specops.generate(target, torch.tensor([[2, 3, 4], [4, 3, 2]]), max_new_tokens=4,
+                           draft=FixedProposer(lambda rows: [[np.int64(5)], []]),
+                           num_draft_tokens=2, eos_token_id=[])
+    assert out.sequences.shape == (2, 7)
+
+
 @pytest.mark.parametrize("min_match", [0, -1, 1.5])
 def test_hybrid_refuses_a_bad_min_match(min_match):
     with pytest.raises(ValueError, match="min_match"):
