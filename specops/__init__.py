@@ -50,12 +50,14 @@ __all__ = ["chain_verify", "chain_verify_greedy", "sampling_probs", "set_backend
            "unpack_tree_mask", "chain_parents", "tree_from_choices", "tokens_from_topk",
            "grow_tree", "keep_best_nodes", "kv_commit", "kv_write", "tree_attention",
            "skinny_linear", "hf",
-           "generate", "SpeculativeGenerator", "GenerationOutput", "DynamicTree", "Hybrid",
+           "generate", "SpeculativeGenerator", "GenerationOutput", "GenerationSession",
+           "DynamicTree", "Hybrid",
            "PromptLookup", "Proposer", "StaticTree"]
 
 # The decoding loop is imported on first use: it pulls in transformers' model classes, which
 # users of the ops alone need not load.
-_LOOP_NAMES = {"generate", "SpeculativeGenerator", "GenerationOutput", "DynamicTree", "Hybrid",
+_LOOP_NAMES = {"generate", "SpeculativeGenerator", "GenerationOutput", "GenerationSession",
+               "DynamicTree", "Hybrid",
                "PromptLookup", "Proposer", "StaticTree"}
 
 

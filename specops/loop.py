@@ -1,5 +1,5 @@
-"""The decoding loop (contract, "Decoding loop"): ``specops.generate`` and the reusable
-:class:`SpeculativeGenerator`.
+"""The decoding loop (contract, "Decoding loop"): ``specops.generate``, the reusable
+:class:`SpeculativeGenerator` and its :class:`GenerationSession`, stepped by the caller.
 
 One *step* per iteration: the drafter proposes a chain (or a tree) after each row's *root*,
 the last committed token; the target scores the root and the proposals in one forward pass;
@@ -187,6 +187,69 @@ class GenerationOutput:
     stats: GenerationStats
 
 
+class GenerationSession:
+    """A generation that the caller steps, for engines that schedule steps themselves:
+    :meth:`SpeculativeGenerator.start` prefills and returns one. Every :meth:`step` runs one
+    draft -> verify -> accept step over the rows still running and returns each row's new
+    tokens, so an engine can stream them, check its own stop conditions, or end a row it no
+    longer needs with :meth:`stop` (a cancelled request: the row keeps what it has and costs
+    nothing more than its share of the batch's step shapes). :meth:`output` is the
+    :class:`GenerationOutput` so far, at any time. The stats count the session's own time
+    only: the clock stops between steps.
+
+    A generator with device graphs keeps one set of caches for its graphs, so it runs one
+    session at a time: starting another one with the same batch size while this one has
+    rows running raises ``RuntimeError``; :meth:`close` ends every row first.
+    """
+
+    def __init__(self, run: "_Run", input_ids: Tensor, end: Callable[[], None] | None):
+        self._run, self._input_ids, self._end = run, input_ids, end
+        self._ended()                                   # max_new_tokens=0: nothing to step
+
+    @property
+    def done(self) -> bool:
+        """Whether every row has ended (EOS, a stop string, ``max_new_tokens`` or
+        :meth:`stop`)."""
+        return all(self._run.done)
+
+    @property
+    def rows_done(self) -> list[bool]:
+        """Per row, whether it has ended."""
+        return list(self._run.done)
+
+    @torch.no_grad()
+    def step(self) -> list[list[int]]:
+        """One step; per row the tokens it emitted (``[]`` for a row that had ended). After
+        ``done``, every row's list is empty."""
+        new = self._run.step()
+        self._ended()
+        return new
+
+    def stop(self, row: int) -> None:
+        """Ends row ``row`` now: it keeps the tokens it has, the other rows go on."""
+        if not -self._run.batch <= row < self._run.batch:
+            raise IndexError(f"row {row} is outside this batch of {self._run.batch}")
+        self._run.done[row] = True
+        self._ended()
+
+    def close(self) -> None:
+        """Ends every row (the generator may then start another session)."""
+        for row in range(self._run.batch):
+            self._run.done[row] = True
+        self._ended()
+
+    def output(self) -> GenerationOutput:
+        """``sequences`` and stats so far (as :meth:`SpeculativeGenerator.generate` returns
+        them at the end)."""
+        return self._run.output(self._input_ids)
+
+    def _ended(self) -> None:
+        """Ends a Hugging Face streamer once, when the last row ends."""
+        if self.done and self._end is not None:
+            end, self._end = self._end, None
+            end()
+
+
 def _special_ids(config) -> tuple:
     return tuple(getattr(config, name, None) for name in ("bos_token_id", "eos_token_id"))
 
@@ -194,6 +257,8 @@ def _special_ids(config) -> tuple:
 class SpeculativeGenerator:
     """Speculative generation with a Hugging Face causal LM as target, reusable across calls
     (the warm-up cost measurement and the controller's acceptance estimates carry over).
+    :meth:`generate` runs a call to its end; :meth:`start` returns a
+    :class:`GenerationSession` that the caller steps.
 
     Args:
         target: a transformers decoder-only causal LM (any dtype; ``model.eval()``), or a
@@ -377,6 +442,12 @@ class SpeculativeGenerator:
         kept = self._graphed
         if (graphs and kept is not None and kept.batch == batch and kept.capacity >= capacity
                 and kept.sampling == self._sampling()):
+            user = kept.user()
+            if user is not None and not all(user.done):
+                raise RuntimeError(
+                    "this generator's device graphs replay into caches that a session with "
+                    "rows still running uses: step it to the end or close() it first (or "
+                    "use another SpeculativeGenerator)")
             if kept.draft is not None:
                 kept.draft.reset()
             return kept
@@ -431,6 +502,19 @@ class SpeculativeGenerator:
                  max_new_tokens: int, streamer: Callable[[list[list[int]]], None] | None = None,
                  **unsupported) -> GenerationOutput:
         """Generates up to ``max_new_tokens`` per row; see :func:`specops.generate`."""
+        session = self.start(input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                             streamer=streamer, **unsupported)
+        while not session.done:
+            session.step()
+        return session.output()
+
+    @torch.no_grad()
+    def start(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+              max_new_tokens: int, streamer: Callable[[list[list[int]]], None] | None = None,
+              **unsupported) -> "GenerationSession":
+        """Prefills ``input_ids`` and returns a :class:`GenerationSession` that the caller
+        steps (an engine that schedules steps itself); :meth:`generate` is ``start`` then
+        ``step`` until ``done``. Arguments as :meth:`generate`."""
         _refuse(unsupported)
         rows = self._rows(input_ids, attention_mask)
         max_new_tokens = _integer("max_new_tokens", max_new_tokens, 0)
@@ -444,10 +528,8 @@ class SpeculativeGenerator:
                              f"+ b, and this batch has {len(rows)} rows")
         callback, end = _stream_to(streamer, input_ids)
         run = _Run(self, rows, max_new_tokens, callback)
-        run.loop()
-        if end is not None:
-            end()
-        return run.output(input_ids)
+        run.start()
+        return GenerationSession(run, input_ids, end)
 
     def _rows(self, input_ids: Tensor, attention_mask: Tensor | None) -> list[list[int]]:
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
@@ -693,6 +775,7 @@ class _GraphedCaches:
     tree_step: Callable[..., Tensor] | None
     draft: DraftRunner | None
     prefill_forward: Callable[..., Tensor]    # the target, compiled for any length or not
+    user: Callable[[], object] = lambda: None  # the _Run using them (a weak reference)
 
     @classmethod
     def build(cls, gen: SpeculativeGenerator, batch: int, capacity: int,
@@ -739,6 +822,7 @@ class _Run:
         graphs = (self.device.type == "cuda" if gen.cuda_graphs is None else
                   gen.cuda_graphs and graph_backend(self.device) is not None)
         caches = gen._caches(self.batch, capacity, graphs)
+        caches.user = weakref.ref(self)
         self.capacity, self.cache = caches.capacity, caches.cache
         self.chain_step, self.tree_verify_step = caches.chain_step, caches.tree_step
         self.draft = caches.draft
@@ -769,7 +853,10 @@ class _Run:
                               self.device)
 
     # ------------------------------------------------------------------------- loop
-    def loop(self) -> None:
+    def start(self) -> None:
+        """The prefill, and the controllers' set-up (a warm-up measurement at a generator's
+        first cost-aware call). The clock stops between :meth:`step` calls: the caller's
+        time in between is not the loop's."""
         gen = self.gen
         self.clock.switch("prefill")
         self._prefill()
@@ -778,12 +865,23 @@ class _Run:
             self._setup_controller()
         if isinstance(gen.tree, DynamicTree) and gen.tree.adaptive:
             self._setup_tree_controller()
-        while not all(self.done):
-            self.root_lens = [len(r) for r in self.rows]
-            emitted = self._tree_step() if gen.tree is not None else self._chain_step()
-            self.clock.switch("overhead")
-            self._emit(emitted)
         self.clock.switch(None)
+
+    def step(self) -> list[list[int]]:
+        """One step over the rows still running; each row's new tokens (``[]`` for rows that
+        had ended)."""
+        if all(self.done):
+            return [[] for _ in range(self.batch)]
+        self.clock.switch("overhead")
+        self.root_lens = [len(r) for r in self.rows]
+        emitted = self._tree_step() if self.gen.tree is not None else self._chain_step()
+        self.clock.switch("overhead")
+        new = self._emit(emitted)
+        self.clock.switch(None)
+        return new
+
+    def _times(self) -> None:
+        """The time split of ``stats`` from the clock, so far."""
         totals = self.clock.totals()
         stats = self.stats
         stats.prefill_seconds = totals.get("prefill", 0.0)
@@ -1206,7 +1304,7 @@ class _Run:
         return [r[:a + 1] for r, a in zip(result, accepted)]
 
     # ------------------------------------------------------------------------- output
-    def _emit(self, emitted: list[list[int]]) -> None:
+    def _emit(self, emitted: list[list[int]]) -> list[list[int]]:
         gen, stats = self.gen, self.stats
         new_per_row: list[list[int]] = [[] for _ in range(self.batch)]
         for b, tokens in enumerate(emitted):
@@ -1223,6 +1321,7 @@ class _Run:
             stats.new_tokens += len(new_per_row[b])
         if self.streamer is not None:
             self.streamer(new_per_row)
+        return new_per_row
 
     def _stopped(self, b: int) -> bool:
         if not self.gen.stop_strings:
@@ -1236,6 +1335,7 @@ class _Run:
         return any(s in text for s in self.gen.stop_strings)
 
     def output(self, input_ids: Tensor) -> GenerationOutput:
+        self._times()
         new = [r[p:] for r, p in zip(self.rows, self.prompt_lens)]
         width = max(len(n) for n in new)
         tail = torch.full((self.batch, width), self.gen.pad_token_id, dtype=torch.int64)
