@@ -220,8 +220,14 @@ class GenerationSession:
     @torch.no_grad()
     def step(self) -> list[list[int]]:
         """One step; per row the tokens it emitted (``[]`` for a row that had ended). After
-        ``done``, every row's list is empty."""
-        new = self._run.step()
+        ``done``, every row's list is empty. A step that raises (a bad proposal, an
+        interrupt) ends the session: its caches may be half updated; :meth:`output` still
+        has every token emitted before it."""
+        try:
+            new = self._run.step()
+        except BaseException:
+            self.close()
+            raise
         self._ended()
         return new
 
@@ -528,7 +534,11 @@ class SpeculativeGenerator:
                              f"+ b, and this batch has {len(rows)} rows")
         callback, end = _stream_to(streamer, input_ids)
         run = _Run(self, rows, max_new_tokens, callback)
-        run.start()
+        try:
+            run.start()
+        except BaseException:   # a failed prefill leaves no session running on the caches
+            run.done = [True] * run.batch
+            raise
         return GenerationSession(run, input_ids, end)
 
     def _rows(self, input_ids: Tensor, attention_mask: Tensor | None) -> list[list[int]]:

@@ -154,3 +154,35 @@ def test_graphs_serve_one_session_at_a_time(pair, monkeypatch):
     again.close()
     assert torch.equal(generator.generate(ids, mask, max_new_tokens=NEW).sequences,
                        expected.sequences)
+
+
+def test_a_step_that_raises_ends_the_session_and_keeps_its_tokens(pair, monkeypatch):
+    """A drafter failing mid-call (here a proposer whose third call gives a bad id): the
+    error reaches the caller, the session ends with the tokens of the steps before, and the
+    graphed generator (whose kept caches the session held) runs the next call."""
+    monkeypatch.setitem(specops.graphs._BACKENDS, "cpu", TracedGraphs)
+    target, draft = pair
+    rows, ids, mask = batch(target)
+    calls = []
+
+    class FailingLookup:
+        def propose(self, rows, num_draft):
+            calls.append(1)
+            return [[999] if len(calls) == 3 else [] for _ in rows]
+
+    generator = specops.SpeculativeGenerator(target, FailingLookup(), num_draft_tokens=2,
+                                             cuda_graphs=True, eos_token_id=[])
+    session = generator.start(ids, mask, max_new_tokens=NEW)
+    emitted = [session.step(), session.step()]
+    with pytest.raises(ValueError, match="FailingLookup.propose gave row 0"):
+        session.step()
+    assert session.done
+    out = session.output()
+    assert out.num_new_tokens == [len(a) + len(b) for a, b in zip(*emitted)]
+    calls.clear()
+    calls.extend([1] * 10)                         # no more failures
+    expected = specops.generate(target, ids, attention_mask=mask, max_new_tokens=NEW,
+                                eos_token_id=[])
+    assert torch.equal(generator.generate(ids, mask, max_new_tokens=NEW).sequences,
+                       expected.sequences)
+
