@@ -510,8 +510,12 @@ class SpeculativeGenerator:
         """Generates up to ``max_new_tokens`` per row; see :func:`specops.generate`."""
         session = self.start(input_ids, attention_mask, max_new_tokens=max_new_tokens,
                              streamer=streamer, **unsupported)
-        while not session.done:
-            session.step()
+        try:
+            while not session.done:
+                session.step()
+        except BaseException as error:   # an interrupt or a failing drafter: keep the tokens
+            error.partial_output = session.output()
+            raise
         return session.output()
 
     @torch.no_grad()
@@ -1390,7 +1394,10 @@ def generate(target: torch.nn.Module, input_ids: Tensor, *, draft=None,
 
     Returns:
         :class:`GenerationOutput`. Options of Hugging Face's ``generate`` that this loop
-        does not implement raise ``TypeError`` rather than being ignored.
+        does not implement raise ``TypeError`` rather than being ignored. Bad input is
+        refused before any work; an error raised once steps have run (a custom drafter's,
+        ``KeyboardInterrupt``) carries the tokens emitted until then as its
+        ``partial_output`` (a :class:`GenerationOutput`).
 
     Each call builds a new :class:`SpeculativeGenerator`: acceptance estimates start afresh,
     and device graphs and compiled steps are made again (a reused generator keeps them). The

@@ -158,8 +158,9 @@ def test_graphs_serve_one_session_at_a_time(pair, monkeypatch):
 
 def test_a_step_that_raises_ends_the_session_and_keeps_its_tokens(pair, monkeypatch):
     """A drafter failing mid-call (here a proposer whose third call gives a bad id): the
-    error reaches the caller, the session ends with the tokens of the steps before, and the
-    graphed generator (whose kept caches the session held) runs the next call."""
+    error reaches the caller, the session ends with the tokens of the steps before (which
+    ``generate`` attaches to the error as ``partial_output``), and the graphed generator
+    (whose kept caches the session held) runs the next call."""
     monkeypatch.setitem(specops.graphs._BACKENDS, "cpu", TracedGraphs)
     target, draft = pair
     rows, ids, mask = batch(target)
@@ -179,7 +180,11 @@ def test_a_step_that_raises_ends_the_session_and_keeps_its_tokens(pair, monkeypa
     assert session.done
     out = session.output()
     assert out.num_new_tokens == [len(a) + len(b) for a, b in zip(*emitted)]
+    # generate() hands the tokens before the error over with it
     calls.clear()
+    with pytest.raises(ValueError, match="FailingLookup.propose gave row 0") as error:
+        generator.generate(ids, mask, max_new_tokens=NEW)
+    assert torch.equal(error.value.partial_output.sequences, out.sequences)
     calls.extend([1] * 10)                         # no more failures
     expected = specops.generate(target, ids, attention_mask=mask, max_new_tokens=NEW,
                                 eos_token_id=[])
