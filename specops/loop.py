@@ -411,7 +411,8 @@ class SpeculativeGenerator:
         self.tokenizer = tokenizer
         if pad_token_id is None:
             pad_token_id = getattr(config, "pad_token_id", None)
-        self.pad_token_id = pad_token_id if pad_token_id is not None else min(self.eos, default=0)
+        self.pad_token_id = (_integer("pad_token_id", pad_token_id, -2 ** 63, 2 ** 63 - 1)
+                             if pad_token_id is not None else min(self.eos, default=0))
         self.controllers: dict[str, DraftLengthController] = {}
         self.tree_controller: TreeSizeController | None = None
         self.lookup_prober = Prober(PROBE_EVERY)    # Hybrid(compare=True): a match not paying
@@ -638,7 +639,8 @@ def _refuse(unsupported: dict) -> None:
     if unsupported:
         names = ", ".join(sorted(unsupported))
         known = [n for n in unsupported if n in UNSUPPORTED]
-        why = "not supported by the specops loop" if known else "unknown"
+        why = ("not supported by the specops loop" if known else
+               "unknown options (help(specops.generate) lists them)")
         hints = "; ".join(f"{n}: {_INSTEAD[n]}" for n in sorted(unsupported) if n in _INSTEAD)
         raise TypeError(f"generate: {why}: {names}" + (f" ({hints})" if hints else ""))
 
@@ -1365,6 +1367,7 @@ def generate(target: torch.nn.Module, input_ids: Tensor, *, draft=None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              eos_token_id: int | Sequence[int] | None = None,
              stop_strings: str | Sequence[str] | None = None, tokenizer=None,
+             pad_token_id: int | None = None,
              streamer: Callable[[list[list[int]]], None] | None = None,
              max_draft_tokens: int | None = None, cuda_graphs: bool | None = None,
              compile: bool = False, **unsupported) -> GenerationOutput:
@@ -1383,6 +1386,8 @@ def generate(target: torch.nn.Module, input_ids: Tensor, *, draft=None,
         temperature, top_k, top_p, seed: sampling (``temperature=0``: greedy). Row ``b``
             uses seed ``seed + b``.
         eos_token_id, stop_strings, tokenizer: where rows end.
+        pad_token_id: fills ``sequences`` after a row's end (default: the target's config's,
+            else the smallest EOS id, else 0).
         streamer: called after every step with each row's new tokens (``list[list[int]]``);
             or, for batch 1, a Hugging Face streamer (``put``/``end``, e.g.
             ``transformers.TextStreamer``), fed the prompt, then each step's tokens, as
@@ -1412,7 +1417,7 @@ def generate(target: torch.nn.Module, input_ids: Tensor, *, draft=None,
         target, draft, num_draft_tokens=num_draft_tokens, max_draft_tokens=max_draft_tokens,
         tree=tree, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
         eos_token_id=eos_token_id, stop_strings=stop_strings, tokenizer=tokenizer,
-        cuda_graphs=cuda_graphs, compile=compile)
+        pad_token_id=pad_token_id, cuda_graphs=cuda_graphs, compile=compile)
     generator.costs = _kept_costs(target, draft, generator)
     return generator.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens,
                               streamer=streamer)

@@ -84,6 +84,22 @@ def test_eos_may_be_given_as_hugging_face_takes_it(form):
     assert out.num_new_tokens == [reference.index(eos) + 1]
 
 
+def test_pad_token_id_fills_after_a_rows_end():
+    """``pad_token_id`` (as Hugging Face's ``generate`` takes it) fills the tail of a row that
+    ended before the longest one."""
+    target = tiny_model("qwen2", seed=5)
+    row = prompts(64, [4], seed=2)[0]
+    reference = hf_greedy(target, row, 20)
+    eos = reference[6]
+    ended = reference.index(eos) + 1
+    longer = prompts(64, [4], seed=3)[0]
+    assert eos not in hf_greedy(target, longer, 20)         # this row runs to the end
+    out = specops.generate(target, torch.tensor([row, longer]), max_new_tokens=20,
+                           eos_token_id=[eos], pad_token_id=61)
+    assert out.num_new_tokens == [ended, 20]
+    assert (out.sequences[0, 4 + ended:] == 61).all()
+
+
 def test_rows_end_independently():
     target = tiny_model("llama", seed=6)
     rows = prompts(64, [3, 7], seed=3)
@@ -196,6 +212,8 @@ def test_tree_stats_count_positions_down_to_each_trees_depth(pair):
     (dict(stop_strings=["end", ""]), ValueError, "non-empty strings"),
     (dict(stop_strings=[7]), ValueError, "non-empty strings"),
     (dict(eos_token_id=[1.5]), TypeError, "eos_token_id must be an id"),
+    (dict(pad_token_id=1.5), TypeError, "pad_token_id must be an integer"),
+    (dict(num_beam=2), TypeError, r"unknown options \(help\(specops.generate\)"),
     (dict(eos_token_id="</s>"), TypeError, "eos_token_id must be an id"),
 ])
 def test_bad_input_is_refused_clearly(bad, error, words):
