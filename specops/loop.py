@@ -51,7 +51,8 @@ UNSUPPORTED = ("logprobs", "output_scores", "output_logits", "return_dict_in_gen
                "repetition_penalty", "no_repeat_ngram_size", "num_beams", "num_return_sequences",
                "do_sample", "min_new_tokens", "min_length", "length_penalty", "bad_words_ids",
                "logits_processor", "stopping_criteria", "typical_p", "min_p",
-               "presence_penalty", "frequency_penalty", "guidance_scale")
+               "presence_penalty", "frequency_penalty", "guidance_scale", "max_length",
+               "generation_config", "use_cache")
 
 
 @runtime_checkable
@@ -632,10 +633,16 @@ def _check_seed(seed) -> int:
 _INSTEAD = {"do_sample": "temperature > 0 samples, temperature=0 is greedy",
             "min_new_tokens": "no minimum length is implemented",
             "min_length": "no minimum length is implemented",
-            "num_return_sequences": "repeat a row in input_ids, with seeds seed + b"}
+            "num_return_sequences": "repeat a row in input_ids, with seeds seed + b",
+            "max_length": "pass max_new_tokens (max_length counts the prompt too)",
+            "generation_config": "pass its fields (max_new_tokens, temperature, top_k, ...) "
+                                 "as arguments",
+            "use_cache": "the loop always uses its own KV cache (use_cache=True is accepted)"}
 
 
 def _refuse(unsupported: dict) -> None:
+    if unsupported.get("use_cache") is True:     # what the loop does anyway: accepted
+        unsupported = {name: v for name, v in unsupported.items() if name != "use_cache"}
     if unsupported:
         names = ", ".join(sorted(unsupported))
         known = [n for n in unsupported if n in UNSUPPORTED]

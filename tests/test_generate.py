@@ -95,7 +95,8 @@ def test_pad_token_id_fills_after_a_rows_end():
     longer = prompts(64, [4], seed=3)[0]
     assert eos not in hf_greedy(target, longer, 20)         # this row runs to the end
     out = specops.generate(target, torch.tensor([row, longer]), max_new_tokens=20,
-                           eos_token_id=[eos], pad_token_id=61)
+                           eos_token_id=[eos], pad_token_id=61,
+                           use_cache=True)   # (accepted: what the loop does anyway)
     assert out.num_new_tokens == [ended, 20]
     assert (out.sequences[0, 4 + ended:] == 61).all()
 
@@ -214,6 +215,8 @@ def test_tree_stats_count_positions_down_to_each_trees_depth(pair):
     (dict(eos_token_id=[1.5]), TypeError, "eos_token_id must be an id"),
     (dict(pad_token_id=1.5), TypeError, "pad_token_id must be an integer"),
     (dict(num_beam=2), TypeError, r"unknown options \(help\(specops.generate\)"),
+    (dict(max_length=9), TypeError, "pass max_new_tokens"),
+    (dict(use_cache=False), TypeError, "always uses its own KV cache"),
     (dict(eos_token_id="</s>"), TypeError, "eos_token_id must be an id"),
 ])
 def test_bad_input_is_refused_clearly(bad, error, words):
