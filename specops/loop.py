@@ -410,10 +410,11 @@ class SpeculativeGenerator:
                               else config.eos_token_id)
         self.stop_strings = stop_strings
         self.tokenizer = tokenizer
-        if pad_token_id is None:
+        if pad_token_id is not None:             # the caller's is checked, the config's taken
+            pad_token_id = _integer("pad_token_id", pad_token_id, -2 ** 63, 2 ** 63 - 1)
+        else:
             pad_token_id = getattr(config, "pad_token_id", None)
-        self.pad_token_id = (_integer("pad_token_id", pad_token_id, -2 ** 63, 2 ** 63 - 1)
-                             if pad_token_id is not None else min(self.eos, default=0))
+        self.pad_token_id = pad_token_id if pad_token_id is not None else min(self.eos, default=0)
         self.controllers: dict[str, DraftLengthController] = {}
         self.tree_controller: TreeSizeController | None = None
         self.lookup_prober = Prober(PROBE_EVERY)    # Hybrid(compare=True): a match not paying
