@@ -2,15 +2,20 @@
 steps itself). Stepping to the end gives what ``generate`` gives, token for token; each
 step's return is what the rows emitted; ``stop`` ends one row and leaves the others as they
 were; the stats count no time between steps; a generator with device graphs runs one session
-at a time on its kept caches (through the traced stand-in of ``test_graphs_traced``)."""
+at a time on its kept caches (through the traced stand-in of ``test_graphs_traced``); rows
+stopped at random steps of random configurations leave the others exact."""
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import specops
 import specops.stats
-from loop_models import METHODS, drafters, padded, prompts, tiny_pair
+from loop_models import METHODS, assert_same_or_tie, drafters, hf_greedy, padded, prompts, tiny_pair
 from test_generate import recording_streamer
+from test_generate_fuzz import configurations
+from test_generate_fuzz import pair as fuzz_pair
 from test_graphs_traced import TracedGraphs
 
 NEW = 18
@@ -191,3 +196,39 @@ def test_a_step_that_raises_ends_the_session_and_keeps_its_tokens(pair, monkeypa
     assert torch.equal(generator.generate(ids, mask, max_new_tokens=NEW).sequences,
                        expected.sequences)
 
+
+
+@settings(max_examples=15, deadline=None)
+@given(config=configurations(), stops=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 2)),
+                                               max_size=3))
+def test_stopping_rows_at_random_steps_leaves_the_others_exact(config, stops):
+    """A random configuration (``test_generate_fuzz``), rows stopped at random steps (``(step,
+    row)`` pairs): every row that was not stopped still decodes as the target's greedy
+    ``generate``, and a stopped row holds a prefix of it."""
+    target, draft_model = fuzz_pair(config["family"])
+    drafter = {"chain": draft_model, "lookup": specops.PromptLookup(), "grown": draft_model,
+               "static": draft_model, "plain": None,
+               "hybrid": specops.Hybrid(draft_model, min_match=config["min_match"]),
+               "hybrid-compare": specops.Hybrid(draft_model, compare=True)}[config["kind"]]
+    rows = prompts(target.config.vocab_size, config["lens"], seed=config["prompt_seed"])
+    ids, mask = padded(rows, config["side"])
+    session = specops.SpeculativeGenerator(target, drafter, eos_token_id=[],
+                                           **config["options"]).start(
+        ids, mask, max_new_tokens=config["new"])
+    stopped, step = set(), 0
+    while not session.done:
+        for when, row in stops:
+            if when == step and row < len(rows):
+                session.stop(row)
+                stopped.add(row)
+        session.step()
+        step += 1
+    out = session.output()
+    for b, row in enumerate(rows):
+        ours = out.sequences[b, ids.shape[1]:ids.shape[1] + out.num_new_tokens[b]].tolist()
+        reference = hf_greedy(target, row, config["new"])
+        if b in stopped:
+            reference = reference[:len(ours)]
+        else:
+            assert len(ours) == config["new"], (config, stops, b)
+        assert_same_or_tie(target, row, ours, reference, f"{config} stops {stops} row {b}")
