@@ -177,33 +177,30 @@ class DraftRunner:
             graphed = self._graphed[kind] = GraphedStep(fn, device=self.device)
         return graphed(*inputs)
 
-    def _feed_columns(self, new: list[list[int]], width: int | None = None,
-                      rows: list[list[int]] | None = None) -> list[list[int]]:
-        """Per row the feed's host inputs (:meth:`_feed_on_device`): the slot it starts at,
-        the index of its last new token, then ``width`` tokens (default: the longest
-        ``new``). With ``rows`` (each row's tokens, ``new[b]`` their tail), a row whose new
-        tokens are fewer than ``width`` starts earlier and feeds its cached tokens again
-        before them (the same keys and values at the same slots), so that every row's
-        writes end at its own length, inside the cache however long another row's backlog
-        (a right-padded block wrote past a short backlog's row, beyond the cache's end when
+    def _feed_columns(self, rows: list[list[int]], width: int) -> list[list[int]]:
+        """Per row the host inputs (:meth:`_feed_on_device`) of a feed of its tokens past
+        ``cached[b]``, ``width`` (at least the longest such backlog) tokens wide: the slot
+        it starts at, the index of its last token in the feed, then the tokens. A row whose
+        backlog is shorter than ``width`` starts earlier and feeds its cached tokens again
+        before it (the same keys and values at the same slots), so that every row's writes
+        end at its own length, inside the cache however long another row's backlog (a
+        right-padded block wrote past a short backlog's row, beyond the cache's end when
         another row had a long backlog near the end of a call); only a row shorter than
         ``width`` is padded with 0 after its tokens."""
-        width = width or max(len(n) for n in new)
         columns = []
-        for c, n, row in zip(self.cached, new, rows or [None] * len(new)):
-            end = c + len(n)
-            start = max(0, end - width) if row is not None else c
-            tokens = (row[start:end] if row is not None else n)
-            columns.append([start, max(end - start, 1) - 1]
+        for row in rows:
+            start = max(0, len(row) - width)
+            tokens = row[start:]
+            columns.append([start, max(len(tokens), 1) - 1]
                            + [min(t, self.max_token) for t in tokens]
                            + [0] * (width - len(tokens)))
         return columns
 
     def _feed_on_device(self, feed: Tensor, prefill: bool = False) -> Tensor:
-        """Feeds each row's new tokens at slots ``cached[b]...``; ``feed``: Shape ``(B, 2 +
-        W)``, int64, the rows of :meth:`_feed_columns` on the device. Returns each row's
-        logits after its last new token, fitted to the target vocabulary: Shape ``(B, V)``,
-        float32. Leaves ``cached`` to the caller."""
+        """Feeds each row's tokens from the slot its column starts at; ``feed``: Shape
+        ``(B, 2 + W)``, int64, the rows of :meth:`_feed_columns` on the device. Returns each
+        row's logits after its last new token, fitted to the target vocabulary: Shape
+        ``(B, V)``, float32. Leaves ``cached`` to the caller."""
         lens, last, tokens = feed[:, 0], feed[:, 1:2].contiguous(), feed[:, 2:].contiguous()
         positions = lens[:, None] + torch.arange(tokens.shape[1], device=self.device)
         logits = self._feed_model(tokens, self.cache, lens.int(), positions,
@@ -222,12 +219,14 @@ class DraftRunner:
         if width > 0:
             self._feed([r[:-1] for r in rows], prefill=True)
 
-    def _feed(self, new: list[list[int]], prefill: bool = False) -> Tensor:
-        """Feeds ``new[b]`` at slots ``cached[b]...``; returns each row's logits after its
-        last new token, fitted to the target vocabulary. Shape ``(B, V)``, float32."""
-        feed = rows_to_device(self._feed_columns(new), self.device)
+    def _feed(self, rows: list[list[int]], prefill: bool = False) -> Tensor:
+        """Feeds each row's tokens past ``cached[b]`` (at slots ``cached[b]...``); returns
+        each row's logits after its last token, fitted to the target vocabulary. Shape
+        ``(B, V)``, float32."""
+        width = max(len(r) - c for r, c in zip(rows, self.cached))
+        feed = rows_to_device(self._feed_columns(rows, width), self.device)
         logits = self._feed_on_device(feed, prefill)
-        self.cached = [c + len(n) for c, n in zip(self.cached, new)]
+        self.cached = [len(r) for r in rows]
         return logits
 
     def draft_chain(self, rows: list[list[int]], num_draft: int, seeds: list[int],
@@ -255,7 +254,7 @@ class DraftRunner:
         width = self._feed_width(new)
         host = [[seed, len(row), c + len(n), len(f)] + f + [0] * (num_draft - len(f)) + feed
                 for seed, row, c, n, f, feed in zip(seeds, rows, self.cached, new, forced,
-                                                    self._feed_columns(new, width, rows))]
+                                                    self._feed_columns(rows, width))]
         inputs = rows_to_device(host, self.device)        # the draft phase's one copy
         # one graph per feed width, whatever the draft length: the forced tokens stay out
         first, slot0 = self._run(("chain",), self._chain_start, width, inputs[:, :4],
@@ -306,7 +305,7 @@ class DraftRunner:
         width = self._feed_width(new)
         seed_columns = [[seed] for seed in seeds] if seeds is not None else [[] for _ in rows]
         host = [[row[-1]] + seed + feed for row, seed, feed
-                in zip(rows, seed_columns, self._feed_columns(new, width, rows))]
+                in zip(rows, seed_columns, self._feed_columns(rows, width))]
         inputs = rows_to_device(host, self.device)
         self.cached = [len(r) for r in rows]
         return inputs, width
