@@ -54,16 +54,21 @@ def configurations(draw):
                 side=draw(st.sampled_from(["left", "right"])), options=options)
 
 
+def drafter(config: dict, draft_model):
+    """The ``draft`` argument of a drawn configuration, around ``draft_model``."""
+    lookup = (specops.PromptLookup() if config["lookup_draft"] is None
+              else specops.PromptLookup(num_draft=config["lookup_draft"]))
+    return {"chain": draft_model, "lookup": lookup, "grown": draft_model,
+            "static": draft_model, "plain": None,
+            "hybrid": specops.Hybrid(draft_model, min_match=config["min_match"]),
+            "hybrid-compare": specops.Hybrid(draft_model, compare=True)}[config["kind"]]
+
+
 def run(config: dict, graphs: bool = False, device: str = "cpu", **sampling):
     """``(target, rows, new tokens per row)`` of one drawn configuration; ``graphs``: the
     loop's graph path, through the traced stand-in on the CPU, CUDA graphs on CUDA."""
     target, draft_model = pair(config["family"], device)
-    lookup = (specops.PromptLookup() if config["lookup_draft"] is None
-              else specops.PromptLookup(num_draft=config["lookup_draft"]))
-    draft = {"chain": draft_model, "lookup": lookup, "grown": draft_model,
-             "static": draft_model, "plain": None,
-             "hybrid": specops.Hybrid(draft_model, min_match=config["min_match"]),
-             "hybrid-compare": specops.Hybrid(draft_model, compare=True)}[config["kind"]]
+    draft = drafter(config, draft_model)
     rows = prompts(target.config.vocab_size, config["lens"], seed=config["prompt_seed"])
     ids, mask = padded(rows, config["side"])
     ids, mask = ids.to(device), mask.to(device)

@@ -22,6 +22,7 @@ import torch
 from scipy import stats
 
 import specops
+from loop_models import drafters as loop_drafters
 from loop_models import noisy_copy, padded, prompts, tiny_model, tiny_pair
 
 ALPHA, TV, VOCAB, NEW, N = 1e-3, 0.05, 5, 3, 12000
@@ -131,15 +132,10 @@ def test_a_row_samples_in_a_batch_what_it_samples_alone(method):
     token), not by an accept test of a draft the furthest row's budget allowed (which
     changed the last token of some rows at 4 of 40 random configurations)."""
     target, draft = tiny_pair("llama")
-    lookup = specops.PromptLookup(max_ngram=2)
-    options = {"plain": dict(draft=None),
-               "chain-3": dict(draft=draft, num_draft_tokens=3),
-               "chain-6": dict(draft=draft, num_draft_tokens=6),
-               "lookup": dict(draft=lookup, num_draft_tokens=4),
-               "static-tree": dict(draft=draft, tree=specops.StaticTree((2, 2, 1))),
-               "sampled-static-tree": dict(draft=draft,
-                                           tree=specops.StaticTree((2, 1), sampled=True)),
-               "tree": dict(draft=draft, tree=specops.DynamicTree(3, 2, 6, adaptive=False))}
+    options = dict(loop_drafters(draft),    # the loop tests' methods, and two more
+                   **{"chain-6": dict(draft=draft, num_draft_tokens=6),
+                      "sampled-static-tree": dict(draft=draft, tree=specops.StaticTree(
+                          (2, 1), sampled=True))})
     sampling = dict(temperature=1.0, top_k=0, top_p=1.0, eos_token_id=[])
     rows = prompts(target.config.vocab_size, [7, 2, 11, 4], seed=3)
     ids, mask = padded(rows, "left")

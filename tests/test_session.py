@@ -14,7 +14,7 @@ import specops
 import specops.stats
 from loop_models import METHODS, assert_same_or_tie, drafters, hf_greedy, padded, prompts, tiny_pair
 from test_generate import recording_streamer
-from test_generate_fuzz import configurations
+from test_generate_fuzz import configurations, drafter
 from test_generate_fuzz import pair as fuzz_pair
 from test_graphs_traced import TracedGraphs
 
@@ -206,15 +206,11 @@ def test_stopping_rows_at_random_steps_leaves_the_others_exact(config, stops):
     row)`` pairs): every row that was not stopped still decodes as the target's greedy
     ``generate``, and a stopped row holds a prefix of it."""
     target, draft_model = fuzz_pair(config["family"])
-    drafter = {"chain": draft_model, "lookup": specops.PromptLookup(), "grown": draft_model,
-               "static": draft_model, "plain": None,
-               "hybrid": specops.Hybrid(draft_model, min_match=config["min_match"]),
-               "hybrid-compare": specops.Hybrid(draft_model, compare=True)}[config["kind"]]
     rows = prompts(target.config.vocab_size, config["lens"], seed=config["prompt_seed"])
     ids, mask = padded(rows, config["side"])
-    session = specops.SpeculativeGenerator(target, drafter, eos_token_id=[],
-                                           **config["options"]).start(
-        ids, mask, max_new_tokens=config["new"])
+    generator = specops.SpeculativeGenerator(target, drafter(config, draft_model),
+                                             eos_token_id=[], **config["options"])
+    session = generator.start(ids, mask, max_new_tokens=config["new"])
     stopped, step = set(), 0
     while not session.done:
         for when, row in stops:
